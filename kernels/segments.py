@@ -1,4 +1,4 @@
-"""Per-token adapter slots -> segments, the unit every LoRA kernel works on.
+r"""Per-token adapter slots -> segments, the unit every LoRA kernel works on.
 
 The model runner orders a batch so that the tokens of one adapter are
 contiguous; a segment is a maximal run of consecutive tokens with the same

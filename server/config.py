@@ -118,8 +118,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_loras_per_batch: int = 16
     max_lora_rank: int = 64
-    # Rank-row pages in the device adapter pool (see kernels/reference.py).
-    lora_pool_pages: int = 4096
+    # Byte budget of the device adapter pool of rank-row pages (see
+    # kernels/reference.py); the page count follows from the model's shape.
+    adapter_pool_bytes: int = 1024 * 2**20
     max_adapter_slots: int = 64
     # Bounded unfairness: a waiting request is served before any later
     # arrival once it has been passed over this many steps.
@@ -130,7 +131,7 @@ class EngineConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens",
-                     "max_loras_per_batch", "max_lora_rank", "lora_pool_pages",
+                     "max_loras_per_batch", "max_lora_rank", "adapter_pool_bytes",
                      "max_adapter_slots", "max_wait_steps", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

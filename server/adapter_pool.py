@@ -1,0 +1,219 @@
+"""Adapter weights in the device pool: rank-row pages shared by all ranks.
+
+The pool is allocated once from a byte budget. Making an adapter resident
+copies its A rows and B columns into free pages and fills its slot's row of
+the page table, ranks and scales (layout in kernels/reference.py); nothing
+is allocated on the hot path.
+
+    pages   0   1   2   3   4   5   6   7   8 ...
+    owner  [s1][s1][s1][s1][s0][s0][  ][  ][s2] ...   s0: rank 2, s1: rank 4
+    page_table[s0, :2] = [4, 5]; page_table[s1, :4] = [0, 1, 2, 3]
+
+A page is one rank-row for every layer and module, so an adapter of rank r
+needs exactly r pages, whatever its rank pattern: a module of lower rank
+leaves the tail of its rows zero and its `ranks` entry stops the kernels
+there.
+"""
+from __future__ import annotations
+
+import torch
+
+from server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
+from server.peft_format import LoraAdapter
+
+
+class PageAllocator:
+    """First-fit allocation of rank-row pages, contiguous runs preferred
+    (a contiguous run lets the CPU path use a view instead of a gather)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = [True] * num_pages
+        self.num_free = num_pages
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise MemoryError(f"{n} pages wanted, {self.num_free} free")
+        run = 0
+        for i, free in enumerate(self._free):
+            run = run + 1 if free else 0
+            if run == n:
+                pages = list(range(i - n + 1, i + 1))
+                break
+        else:  # fragmented: take any free pages
+            pages = [i for i, free in enumerate(self._free) if free][:n]
+        for p in pages:
+            self._free[p] = False
+        self.num_free -= n
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._free[p]:
+                raise ValueError(f"page {p} freed twice")
+            self._free[p] = True
+        self.num_free += len(pages)
+
+
+def page_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one rank-row page: one row of A and of B^T for every module of every layer."""
+    per_layer = sum(sum(cfg.module_shape(m)) for m in LORA_MODULES)
+    return per_layer * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+
+
+class DeviceLoraPool:
+    def __init__(self, cfg: ModelConfig, budget_bytes: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device="cpu"):
+        self.cfg = cfg
+        self.max_rank = max_rank
+        self.num_pages = budget_bytes // page_bytes(cfg, dtype)
+        if self.num_pages < max_rank:
+            raise ValueError(
+                f"adapter pool budget {budget_bytes} B holds {self.num_pages} rank-rows; "
+                f"at least max_lora_rank={max_rank} are needed"
+            )
+        self.page_bytes = page_bytes(cfg, dtype)
+        self.pages = PageAllocator(self.num_pages)
+        P = self.num_pages
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        for _ in range(cfg.num_layers):
+            a_layer, b_layer = {}, {}
+            for group, (lo, n) in LORA_GROUPS.items():
+                mods = LORA_MODULES[lo : lo + n]
+                in_f = cfg.module_shape(mods[0])[1]
+                out_total = sum(cfg.module_shape(m)[0] for m in mods)
+                a_layer[group] = torch.zeros(n, P, in_f, dtype=dtype, device=device)
+                b_layer[group] = torch.zeros(P, out_total, dtype=dtype, device=device)
+            self.a.append(a_layer)
+            self.b.append(b_layer)
+        self.page_table = torch.zeros(num_slots, max_rank, dtype=torch.int32, device=device)
+        self.ranks = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.int32, device=device)
+        self.scales = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.float32, device=device)
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._slot_pages: dict[int, list[int]] = {}
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def fits(self, rank: int) -> bool:
+        return bool(self._free_slots) and rank <= self.pages.num_free
+
+    def load(self, adapter: LoraAdapter) -> int:
+        """Copy an adapter into free pages; returns its slot."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter rank {adapter.rank} is above max_lora_rank {self.max_rank}")
+        if not self._free_slots:
+            raise MemoryError("no free adapter slot")
+        pages = self.pages.allocate(adapter.rank)
+        slot = self._free_slots.pop()
+        self._slot_pages[slot] = pages
+        idx = torch.tensor(pages, dtype=torch.long, device=self.page_table.device)
+        self.page_table[slot].zero_()
+        self.page_table[slot, : len(pages)] = idx.to(torch.int32)
+        self.ranks[:, :, slot] = 0
+        self.scales[:, :, slot] = 0.0
+        for group, (lo, n) in LORA_GROUPS.items():
+            mods = LORA_MODULES[lo : lo + n]
+            for layer in range(self.cfg.num_layers):
+                a_pool, b_pool = self.a[layer][group], self.b[layer][group]
+                a_pool[:, idx] = 0
+                b_pool[idx] = 0
+                col = 0
+                for s, m in enumerate(mods):
+                    out_f = self.cfg.module_shape(m)[0]
+                    w = adapter.modules.get((layer, m))
+                    if w is not None:
+                        r = w.a.shape[0]
+                        a_pool[s, idx[:r]] = w.a.to(a_pool.dtype)
+                        b_pool[idx[:r], col : col + out_f] = w.b.T.to(b_pool.dtype)
+                        self.ranks[layer, lo + s, slot] = r
+                        self.scales[layer, lo + s, slot] = w.scale
+                    col += out_f
+        return slot
+
+    def unload(self, slot: int) -> None:
+        self.pages.free(self._slot_pages.pop(slot))
+        self.ranks[:, :, slot] = 0
+        self.scales[:, :, slot] = 0.0
+        self._free_slots.append(slot)
+
+
+class AdapterPool:
+    """Registered adapters by name, and which of them are resident on the device.
+
+    An adapter is *in use* while a running request needs it; in-use adapters
+    are never evicted. Others stay resident until their pages are needed,
+    then leave in least-recently-used order. Residency is keyed by content
+    digest, so a name deleted and uploaded again never serves stale weights.
+    """
+
+    def __init__(self, device_pool: DeviceLoraPool):
+        self.device = device_pool
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._resident: dict[str, int] = {}  # digest -> slot, in LRU order (oldest first)
+        self._rank: dict[str, int] = {}  # digest -> pages it holds
+
+    # -- registry -----------------------------------------------------------
+
+    def register(self, adapter: LoraAdapter) -> None:
+        if adapter.name in self._adapters:
+            raise KeyError(f"adapter {adapter.name!r} is already registered")
+        if adapter.rank > self.device.max_rank:
+            raise ValueError(f"adapter rank {adapter.rank} is above max_lora_rank {self.device.max_rank}")
+        if adapter.rank > self.device.num_pages:
+            raise ValueError("adapter does not fit in the device adapter pool")
+        self._adapters[adapter.name] = adapter
+
+    def unregister(self, name: str) -> LoraAdapter:
+        return self._adapters.pop(name)
+
+    def get(self, name: str) -> LoraAdapter | None:
+        return self._adapters.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    # -- residency ----------------------------------------------------------
+
+    def is_resident(self, name: str) -> bool:
+        adapter = self._adapters.get(name)
+        return adapter is not None and adapter.digest in self._resident
+
+    def fits(self, names: frozenset[str], in_use: frozenset[str] = frozenset()) -> bool:
+        """Whether `names` can all be resident at once, evicting only adapters
+        outside `names` and `in_use`."""
+        wanted = [self._adapters[n] for n in names if n in self._adapters]
+        keep = {a.digest for a in wanted} | {self._adapters[n].digest for n in in_use if n in self._adapters}
+        missing = [a for a in wanted if a.digest not in self._resident]
+        evictable = [d for d in self._resident if d not in keep]
+        free_pages = self.device.pages.num_free + sum(self._rank[d] for d in evictable)
+        free_slots = self.device.num_free_slots + len(evictable)
+        return sum(a.rank for a in missing) <= free_pages and len(missing) <= free_slots
+
+    def make_resident(self, names, in_use: frozenset[str] = frozenset()) -> dict[str, int]:
+        """Slots of `names`, loading the missing ones (evicting LRU adapters
+        outside `names` and `in_use` to make room)."""
+        wanted = {self._adapters[n].digest for n in names}
+        keep = wanted | {self._adapters[n].digest for n in in_use if n in self._adapters}
+        slots = {}
+        for name in names:
+            adapter = self._adapters[name]
+            d = adapter.digest
+            if d in self._resident:
+                self._resident[d] = self._resident.pop(d)  # most recently used
+            else:
+                while not self.device.fits(adapter.rank):
+                    victim = next((v for v in self._resident if v not in keep), None)
+                    if victim is None:
+                        raise MemoryError(f"adapter {name!r} does not fit beside the adapters in use")
+                    self.device.unload(self._resident.pop(victim))
+                    del self._rank[victim]
+                self._resident[d] = self.device.load(adapter)
+                self._rank[d] = adapter.rank
+            slots[name] = self._resident[d]
+        return slots

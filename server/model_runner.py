@@ -1,0 +1,131 @@
+"""Scheduled chunks -> one flat ForwardBatch -> logits.
+
+The runner turns each sequence's chunk of new tokens into the tensors the
+model needs: positions, the KV slot of every new token, the context slots
+attention reads back, and the LoRA segments. It knows nothing of requests
+or scheduling; the engine hands it `SeqChunk`s already grouped by adapter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import NO_ADAPTER, segments_from_runs
+from server.config import ModelConfig
+from server.models.llama import AttentionMetadata, DecodeGroup, ForwardBatch, LoraBatch, PrefillSeq
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    token_ids: list[int]  # the new tokens of this step
+    start: int  # position of token_ids[0] in the sequence
+    block_ids: list[int]  # the sequence's block table (covers start + len(token_ids))
+    slot: int = NO_ADAPTER  # adapter slot in the pool
+    wants_logits: bool = True  # sample after this chunk
+
+
+class KVCache:
+    """Key and value tensors for every layer, addressed by flat slot
+    (block * block_size + offset)."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device="cpu"):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, i: int):
+        return self.k[i], self.v[i]
+
+    @staticmethod
+    def blocks_for_budget(cfg: ModelConfig, budget_bytes: int, block_size: int, dtype) -> int:
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        per_block = per_token * block_size * torch.empty((), dtype=dtype).element_size()
+        return max(1, budget_bytes // per_block)
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache: KVCache, lora_pool=None):
+        self.model = model
+        self.kv = kv_cache
+        self.pool = lora_pool
+        model.lora_pool = lora_pool
+        self.device = model.device
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        # flat KV slots of positions start..end-1
+        bs = self.kv.block_size
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[pos // bs] * bs + pos % bs
+
+    def prepare(self, chunks: list[SeqChunk]) -> ForwardBatch:
+        ids, positions, slot_mapping, prefills = [], [], [], []
+        decode_idx, decode_ctx, decode_tables = [], [], []
+        logits_index, runs = [], []  # runs: [start, len, slot]
+        t = 0
+        for c in chunks:
+            n = len(c.token_ids)
+            end = c.start + n
+            ids.extend(c.token_ids)
+            positions.append(torch.arange(c.start, end))
+            slot_mapping.append(self._slots(c.block_ids, c.start, end))
+            if n == 1:
+                decode_idx.append(t)
+                decode_ctx.append(end)
+                decode_tables.append(c.block_ids)
+            else:
+                ctx_slots = None if c.start == 0 else self._slots(c.block_ids, 0, end)
+                prefills.append(PrefillSeq(t, n, ctx_slots))
+            if c.wants_logits:
+                logits_index.append(t + n - 1)
+            if runs and runs[-1][2] == c.slot:
+                runs[-1][1] += n
+            else:
+                runs.append([t, n, c.slot])
+            t += n
+        decode = None
+        if decode_idx:
+            bs = self.kv.block_size
+            ctx = torch.tensor(decode_ctx)
+            width = int(ctx.max())
+            max_blocks = (width + bs - 1) // bs
+            table = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
+            for i, blocks in enumerate(decode_tables):
+                nb = min(len(blocks), max_blocks)
+                table[i, :nb] = torch.tensor(blocks[:nb])
+            pos = torch.arange(width)
+            kv_slots = table[:, pos // bs] * bs + pos % bs  # [B, C]
+            mask = (pos[None, :] < ctx[:, None])[:, None, None, :]
+            decode = DecodeGroup(
+                torch.tensor(decode_idx, device=self.device),
+                kv_slots.to(self.device),
+                mask.to(self.device),
+            )
+        lora = None
+        if self.pool is not None and any(r[2] != NO_ADAPTER for r in runs):
+            seg = segments_from_runs(
+                [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs], t, self.device
+            )
+            lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales)
+        dev = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            attn=AttentionMetadata(
+                slot_mapping=torch.cat(slot_mapping).to(dev),
+                decode=decode,
+                prefills=tuple(
+                    p if p.kv_slots is None else PrefillSeq(p.start, p.num_new, p.kv_slots.to(dev))
+                    for p in prefills
+                ),
+            ),
+            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
+            lora=lora,
+        )
+
+    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Logits [N, vocab] float32 for the chunks that want them, in order."""
+        return self.model.forward(self.prepare(chunks), self.kv)

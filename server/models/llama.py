@@ -1,0 +1,220 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a flattened batch.
+
+A batch is the tokens of many sequences laid end to end, no padding:
+
+    flat tokens   [ a0 a1 a2 a3 | b7 | c0 c1 | d12 ]
+                    prefill a     dec  prefill  dec
+                                  b    chunk c  d
+
+Each token carries its position and the KV-cache slot it writes to; the
+sequences' earlier tokens are read back from the paged KV cache through
+their block tables. Every LoRA-able linear is a fused base GEMM (q|k|v and
+gate|up share their input) plus the per-token adapter delta over segments
+(kernels/), so requests for different adapters share one forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import Segments, lora_expand, lora_shrink
+from server.config import LORA_GROUPS, ModelConfig
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Sequences with one new token each, attended in one padded SDPA call."""
+
+    token_index: torch.Tensor  # [B] long, where each query sits in the flat batch
+    kv_slots: torch.Tensor  # [B, C] long, KV slots of each sequence's context (padded)
+    mask: torch.Tensor  # [B, 1, 1, C] bool, True for real context entries
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """One sequence with several new tokens (a prompt or a chunk of one)."""
+
+    start: int  # first query token in the flat batch
+    num_new: int
+    kv_slots: torch.Tensor | None  # [ctx] long; None when the chunk is the whole context
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long, KV slot each new token writes
+    decode: DecodeGroup | None
+    prefills: tuple[PrefillSeq, ...]
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-step adapter metadata; the weights stay in the pool."""
+
+    seg: Segments
+    page_table: torch.Tensor  # [slots, R] int32
+    ranks: torch.Tensor  # [L, 7, slots] int32
+    scales: torch.Tensor  # [L, 7, slots] float32
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    attn: AttentionMetadata
+    logits_index: torch.Tensor  # [N] long, tokens whose next-token logits are wanted
+    lora: LoraBatch | None = None
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_llama3 is None:
+        return inv
+    factor, low, high, old_ctx = cfg.rope_llama3
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept,
+    # the band between them interpolated smoothly.
+    wavelen = 2 * torch.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D] (the rotate-half layout of HF Llama)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    """Weights and forward of one base model; LoRA weights live in a pool."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, device="cpu"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # Column boundaries of each slice inside a fused output, per LoRA group.
+        self.slice_offsets = {
+            "qkv": (0, q, q + kv, q + 2 * kv),
+            "o": (0, cfg.hidden_size),
+            "gate_up": (0, cfg.intermediate_size, 2 * cfg.intermediate_size),
+            "down": (0, cfg.hidden_size),
+        }
+
+        def take(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else take("lm_head.weight")
+        self.norm = take("model.norm.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            layer = {
+                "input_norm": take(p + "input_layernorm.weight"),
+                "post_norm": take(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([take(p + f"self_attn.{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]),
+                "o": take(p + "self_attn.o_proj.weight"),
+                "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                "down": take(p + "mlp.down_proj.weight"),
+                "qkv_bias": None,
+            }
+            if cfg.qkv_bias:
+                layer["qkv_bias"] = torch.cat(
+                    [take(p + f"self_attn.{m}.bias") for m in ("q_proj", "k_proj", "v_proj")]
+                )
+            self.layers.append(layer)
+        inv_freq = rope_inv_freq(cfg)
+        self.inv_freq = inv_freq.to(self.device)
+        # The adapter pool that LoraBatch indexes into; set by the runner.
+        self.lora_pool = None
+
+    # -- pieces -------------------------------------------------------------
+
+    def _rope_tables(self, positions: torch.Tensor):
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    def _linear(self, x, layer_idx: int, group: str, lora: LoraBatch | None, bias=None):
+        # x: [T, in] -> [T, out_total]: base GEMM, then each token's adapter delta.
+        out = F.linear(x, self.layers[layer_idx][group], bias)
+        if lora is not None:
+            lo, n = LORA_GROUPS[group]
+            pool = self.lora_pool
+            ranks = lora.ranks[layer_idx, lo : lo + n]
+            h = lora_shrink(x, pool.a[layer_idx][group], lora.page_table, ranks, lora.seg)
+            lora_expand(
+                h, pool.b[layer_idx][group], lora.page_table, ranks,
+                lora.scales[layer_idx, lo : lo + n], lora.seg, out, self.slice_offsets[group],
+            )
+        return out
+
+    def _attention(self, q, k, v, layer_idx: int, kv_cache, attn: AttentionMetadata):
+        # q: [T, H, D]; k, v: [T, KV, D]; writes k, v to the cache, returns [T, H*D]
+        k_cache, v_cache = kv_cache.layer(layer_idx)  # [slots, KV, D] each
+        k_cache.index_copy_(0, attn.slot_mapping, k)
+        v_cache.index_copy_(0, attn.slot_mapping, v)
+        out = torch.empty_like(q)
+        for p in attn.prefills:
+            qs = q[p.start : p.start + p.num_new].transpose(0, 1)[None]  # [1, H, n, D]
+            if p.kv_slots is None:
+                ks = k[p.start : p.start + p.num_new]
+                vs = v[p.start : p.start + p.num_new]
+                mask, causal = None, True
+            else:
+                ks, vs = k_cache[p.kv_slots], v_cache[p.kv_slots]  # [ctx, KV, D]
+                ctx = ks.shape[0]
+                # query i sits at position ctx - n + i and sees keys 0..that position
+                qpos = torch.arange(ctx - p.num_new, ctx, device=q.device)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+                causal = False
+            o = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                attn_mask=mask, is_causal=causal, enable_gqa=True,
+            )
+            out[p.start : p.start + p.num_new] = o[0].transpose(0, 1)
+        if attn.decode is not None:
+            d = attn.decode
+            qd = q[d.token_index][:, :, None, :]  # [B, H, 1, D]
+            kd = k_cache[d.kv_slots].transpose(1, 2)  # [B, KV, C, D]
+            vd = v_cache[d.kv_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, enable_gqa=True)
+            out[d.token_index] = o[:, :, 0, :]
+        return out.reshape(q.shape[0], -1)
+
+    # -- forward ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
+        """Next-token logits [N, vocab] (float32) for batch.logits_index."""
+        cfg = self.cfg
+        T = batch.input_ids.shape[0]
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cos, sin = self._rope_tables(batch.positions)
+        x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
+            qkv = self._linear(h, i, "qkv", batch.lora, layer["qkv_bias"])
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            q = apply_rope(q.reshape(T, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.reshape(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            a = self._attention(q, k, v, i, kv_cache, batch.attn)
+            x = x + self._linear(a, i, "o", batch.lora)
+            h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)
+            gate, up = self._linear(h, i, "gate_up", batch.lora).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, i, "down", batch.lora)
+        x = rms_norm(x[batch.logits_index], self.norm, cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,113 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # number of top alternatives to report
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not 0.0 <= self.temperature <= 2.0 or self.temperature != self.temperature:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < -1:
+            raise ValueError("top_k must be -1, 0 (off) or positive")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SampleState:
+    """Per-request sampler state: its private random stream."""
+
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def for_params(cls, params: SamplingParams) -> "SampleState":
+        if params.greedy:
+            return cls()
+        g = torch.Generator()
+        if params.seed is not None:
+            g.manual_seed(params.seed)
+        else:
+            g.seed()
+        return cls(generator=g)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = field(default=())
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    # logits: [V] float32 -> the same with excluded tokens at -inf
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    states: list[SampleState],
+    suppress: list[tuple[int, ...]] | None = None,
+) -> list[Sampled]:
+    """One token per row of logits [N, V] (float32); `suppress` lists token
+    ids a row may not produce yet (EOS before min_tokens)."""
+    if suppress is not None:
+        for i, ids in enumerate(suppress):
+            if ids:
+                logits[i, list(ids)] = float("-inf")
+    logprobs = torch.log_softmax(logits, dim=-1)
+    greedy_tokens = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, (p, st) in enumerate(zip(params, states)):
+        if p.greedy:
+            token = greedy_tokens[i]
+        else:
+            row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+            token = int(torch.multinomial(row.softmax(-1), 1, generator=st.generator))
+        top = ()
+        if p.logprobs:
+            vals, idx = torch.topk(logprobs[i], p.logprobs)
+            top = tuple(zip(idx.tolist(), vals.tolist()))
+        out.append(Sampled(token, float(logprobs[i, token]), top))
+    return out
