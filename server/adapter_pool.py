@@ -141,79 +141,111 @@ class DeviceLoraPool:
 
 
 class AdapterPool:
-    """Registered adapters by name, and which of them are resident on the device.
+    """Registered adapters, and which of them are resident on the device.
+
+    Names map to content digests; requests hold a digest, not a name, so
+    deleting a name and uploading new weights under it never serves stale
+    weights to anybody, and requests already queued for the old weights
+    finish with them:
+
+        register("a", v1)   names: a -> d1          adapters: d1 (refs 0)
+        request r1 for "a"  r1 holds d1             adapters: d1 (refs 1)
+        unregister("a")     names: -                adapters: d1 (refs 1, kept for r1)
+        register("a", v2)   names: a -> d2          adapters: d1, d2
+        r1 finishes         release(d1)             adapters: d2
 
     An adapter is *in use* while a running request needs it; in-use adapters
-    are never evicted. Others stay resident until their pages are needed,
-    then leave in least-recently-used order. Residency is keyed by content
-    digest, so a name deleted and uploaded again never serves stale weights.
+    are never evicted from the device. Others stay resident until their
+    pages are needed, then leave in least-recently-used order.
     """
 
     def __init__(self, device_pool: DeviceLoraPool):
         self.device = device_pool
-        self._adapters: dict[str, LoraAdapter] = {}
-        self._resident: dict[str, int] = {}  # digest -> slot, in LRU order (oldest first)
-        self._rank: dict[str, int] = {}  # digest -> pages it holds
+        self._names: dict[str, str] = {}  # name -> digest
+        self._adapters: dict[str, LoraAdapter] = {}  # digest -> weights
+        self._refs: dict[str, int] = {}  # digest -> unfinished requests holding it
+        self._resident: dict[str, int] = {}  # digest -> slot, LRU order (oldest first)
+        self._rank: dict[str, int] = {}  # digest -> pages it holds on the device
 
     # -- registry -----------------------------------------------------------
 
     def register(self, adapter: LoraAdapter) -> None:
-        if adapter.name in self._adapters:
+        if adapter.name in self._names:
             raise KeyError(f"adapter {adapter.name!r} is already registered")
         if adapter.rank > self.device.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} is above max_lora_rank {self.device.max_rank}")
         if adapter.rank > self.device.num_pages:
             raise ValueError("adapter does not fit in the device adapter pool")
-        self._adapters[adapter.name] = adapter
+        self._names[adapter.name] = adapter.digest
+        self._adapters.setdefault(adapter.digest, adapter)
 
-    def unregister(self, name: str) -> LoraAdapter:
-        return self._adapters.pop(name)
+    def unregister(self, name: str) -> None:
+        """New requests can no longer name it; requests holding it finish."""
+        digest = self._names.pop(name)
+        self._drop_if_unused(digest)
+
+    def resolve(self, name: str) -> str | None:
+        return self._names.get(name)
 
     def get(self, name: str) -> LoraAdapter | None:
-        return self._adapters.get(name)
+        digest = self._names.get(name)
+        return None if digest is None else self._adapters[digest]
 
     def names(self) -> list[str]:
-        return list(self._adapters)
+        return list(self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._adapters
+        return name in self._names
 
-    # -- residency ----------------------------------------------------------
+    def acquire(self, digest: str) -> None:
+        self._refs[digest] = self._refs.get(digest, 0) + 1
 
-    def is_resident(self, name: str) -> bool:
-        adapter = self._adapters.get(name)
-        return adapter is not None and adapter.digest in self._resident
+    def release(self, digest: str) -> None:
+        self._refs[digest] -= 1
+        if not self._refs[digest]:
+            del self._refs[digest]
+            self._drop_if_unused(digest)
 
-    def fits(self, names: frozenset[str], in_use: frozenset[str] = frozenset()) -> bool:
-        """Whether `names` can all be resident at once, evicting only adapters
-        outside `names` and `in_use`."""
-        wanted = [self._adapters[n] for n in names if n in self._adapters]
-        keep = {a.digest for a in wanted} | {self._adapters[n].digest for n in in_use if n in self._adapters}
-        missing = [a for a in wanted if a.digest not in self._resident]
+    def _drop_if_unused(self, digest: str) -> None:
+        if digest in self._refs or digest in self._names.values():
+            return
+        self._adapters.pop(digest, None)
+        if digest in self._resident:
+            self.device.unload(self._resident.pop(digest))
+            del self._rank[digest]
+
+    # -- residency (by digest) ----------------------------------------------
+
+    def is_resident(self, digest: str) -> bool:
+        return digest in self._resident
+
+    def fits(self, digests: frozenset[str], in_use: frozenset[str] = frozenset()) -> bool:
+        """Whether `digests` can all be resident at once, evicting only
+        adapters outside `digests` and `in_use`."""
+        keep = digests | in_use
+        missing = [self._adapters[d] for d in digests if d not in self._resident]
         evictable = [d for d in self._resident if d not in keep]
         free_pages = self.device.pages.num_free + sum(self._rank[d] for d in evictable)
         free_slots = self.device.num_free_slots + len(evictable)
         return sum(a.rank for a in missing) <= free_pages and len(missing) <= free_slots
 
-    def make_resident(self, names, in_use: frozenset[str] = frozenset()) -> dict[str, int]:
-        """Slots of `names`, loading the missing ones (evicting LRU adapters
-        outside `names` and `in_use` to make room)."""
-        wanted = {self._adapters[n].digest for n in names}
-        keep = wanted | {self._adapters[n].digest for n in in_use if n in self._adapters}
+    def make_resident(self, digests, in_use: frozenset[str] = frozenset()) -> dict[str, int]:
+        """Slots of `digests`, loading the missing ones (evicting LRU adapters
+        outside `digests` and `in_use` to make room)."""
+        keep = set(digests) | in_use
         slots = {}
-        for name in names:
-            adapter = self._adapters[name]
-            d = adapter.digest
+        for d in digests:
             if d in self._resident:
-                self._resident[d] = self._resident.pop(d)  # most recently used
+                self._resident[d] = self._resident.pop(d)  # now most recently used
             else:
+                adapter = self._adapters[d]
                 while not self.device.fits(adapter.rank):
                     victim = next((v for v in self._resident if v not in keep), None)
                     if victim is None:
-                        raise MemoryError(f"adapter {name!r} does not fit beside the adapters in use")
+                        raise MemoryError(f"adapter {adapter.name!r} does not fit beside the adapters in use")
                     self.device.unload(self._resident.pop(victim))
                     del self._rank[victim]
                 self._resident[d] = self.device.load(adapter)
                 self._rank[d] = adapter.rank
-            slots[name] = self._resident[d]
+            slots[d] = self._resident[d]
         return slots

@@ -1,0 +1,353 @@
+"""The engine: one step = schedule -> make adapters resident -> run -> postprocess.
+
+`Engine` is synchronous and single-threaded (the offline `LLM` drives it
+directly). `AsyncEngine` runs it in its own thread and hands each request's
+outputs to an asyncio queue, for the HTTP server.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from server.adapter_pool import AdapterPool, DeviceLoraPool
+from server.config import EngineConfig
+from server.detokenizer import IncrementalDetokenizer
+from server.kv_cache import BlockAllocator
+from server.model_runner import KVCache, ModelRunner, SeqChunk
+from server.request import Request, RequestStatus
+from server.sampling import SampleState, SamplingParams, sample
+from server.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger("loramux.engine")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (the API answers 400/404)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    adapter: str | None  # the adapter name the request asked for
+    text: str  # new text since the last output
+    token_ids: list[int]  # new tokens since the last output
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]  # (token, logprob, top)
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class _Generation:
+    """Engine-side state of a request beyond what the scheduler tracks."""
+
+    request: Request
+    adapter_name: str | None
+    detok: IncrementalDetokenizer | None
+    sampler: SampleState
+    stop_ids: frozenset[int]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig, adapters: AdapterPool | None = None):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = model.cfg
+        self.context_len = cfg.max_position_embeddings
+        num_blocks = KVCache.blocks_for_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype)
+        self.kv = KVCache(cfg, num_blocks, config.block_size, model.dtype, model.device)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        if adapters is None:
+            adapters = AdapterPool(DeviceLoraPool(
+                cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
+                model.dtype, model.device,
+            ))
+        self.adapters = adapters
+        self.scheduler = Scheduler(
+            config, self.allocator,
+            adapter_ready=adapters.is_resident,
+            adapters_fit=lambda names: adapters.fits(names, self._adapters_in_use()),
+        )
+        self.runner = ModelRunner(model, self.kv, adapters.device)
+        self._gens: dict[str, _Generation] = {}
+        self._ids = itertools.count()
+        # For metrics (read in the engine thread by AsyncEngine.on_step).
+        self.num_preemptions = 0  # total so far
+        self.last_residency_seconds = 0.0  # make_resident in the last step
+
+    def _adapters_in_use(self) -> frozenset[str]:
+        """Digests of the adapters that running requests need."""
+        return frozenset(r.adapter for r in self.scheduler.running if r.adapter is not None)
+
+    # -- requests -------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None) -> None:
+        """Raise RequestError for a request that can never be served."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        total = len(prompt_ids) + sampling.max_tokens
+        if total > self.context_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} "
+                f"exceeds the model's context length of {self.context_len}",
+                "max_tokens",
+            )
+        if self.allocator.blocks_needed(total) > self.allocator.num_blocks:
+            raise RequestError(
+                f"prompt + max_tokens = {total} tokens do not fit in the KV cache "
+                f"({self.allocator.num_blocks * self.allocator.block_size} tokens)",
+                "max_tokens",
+            )
+        if adapter is not None and adapter not in self.adapters:
+            raise RequestError(f"The model `{adapter}` does not exist.", "model", "model_not_found")
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        self.check_request(prompt_ids, sampling, adapter)
+        request_id = request_id or f"req-{next(self._ids)}"
+        # The request holds the adapter's digest: a name deleted and uploaded
+        # again meanwhile does not change the weights it is served with.
+        digest = self.adapters.resolve(adapter) if adapter is not None else None
+        request = Request(request_id, list(prompt_ids), sampling, digest)
+        self.scheduler.add(request)
+        if digest is not None:
+            self.adapters.acquire(digest)
+        stop_ids = frozenset(sampling.stop_token_ids) | (
+            frozenset() if sampling.ignore_eos else frozenset(self.model.cfg.eos_token_ids)
+        )
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sampling.stop)
+            if self.tokenizer is not None else None
+        )
+        self._gens[request_id] = _Generation(request, adapter, detok, SampleState.for_params(sampling), stop_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request in any state; its KV blocks are free on return."""
+        self._gens.pop(request_id, None)
+        request = self.scheduler.abort(request_id)
+        if request is not None and request.adapter is not None:
+            self.adapters.release(request.adapter)
+        return request is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        self.num_preemptions += len(out.preempted)
+        t0 = time.perf_counter()
+        slots = self.adapters.make_resident(sorted(out.adapters), self._adapters_in_use())
+        self.last_residency_seconds = time.perf_counter() - t0
+        logits = self.runner.run([
+            SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter, -1), c.samples)
+            for c in out.chunks
+        ])
+        self.scheduler.update_after_step(out)
+        return self._postprocess(out, logits)
+
+    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        gens = [self._gens[c.request.request_id] for c in out.chunks if c.samples]
+        # EOS may not end a request before min_tokens
+        suppress = [
+            tuple(g.stop_ids) if len(g.request.output_ids) < g.request.sampling.min_tokens else ()
+            for g in gens
+        ]
+        sampled = sample(logits, [g.request.sampling for g in gens], [g.sampler for g in gens], suppress)
+        now = time.monotonic()
+        outputs = []
+        for g, s in zip(gens, sampled):
+            req = g.request
+            req.output_ids.append(s.token)
+            if g.first_token_time is None:
+                g.first_token_time = now
+            status = None
+            text, stopped = g.detok.add(s.token) if g.detok is not None else ("", False)
+            if s.token in g.stop_ids:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, s.token
+            elif stopped:
+                status = RequestStatus.FINISHED_STOPPED
+            elif len(req.output_ids) >= req.sampling.max_tokens or req.num_tokens >= self.context_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                if g.detok is not None and not stopped:
+                    text += g.detok.flush()
+                self.scheduler.finish(req, status)
+                del self._gens[req.request_id]
+                if req.adapter is not None:
+                    self.adapters.release(req.adapter)
+            outputs.append(RequestOutput(
+                request_id=req.request_id,
+                adapter=g.adapter_name,
+                text=text,
+                token_ids=[s.token],
+                logprobs=[(s.token, s.logprob, s.top)] if req.sampling.logprobs is not None else [],
+                finished=status is not None,
+                finish_reason=status.finish_reason if status is not None else None,
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_output_tokens=len(req.output_ids),
+            ))
+        return outputs
+
+    def run_to_completion(self) -> dict[str, list[RequestOutput]]:
+        """Step until every request finishes; outputs grouped by request."""
+        results: dict[str, list[RequestOutput]] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                results.setdefault(o.request_id, []).append(o)
+        return results
+
+
+class AsyncEngine:
+    """Runs an Engine in its own thread; `generate` is an async iterator.
+
+    Adds and aborts from the event loop are queued and applied by the engine
+    thread between steps, so the engine itself is only ever touched by one
+    thread.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._pending: list[tuple] = []
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Condition()
+        self._stop = False
+        self.last_progress = time.monotonic()
+        # Called in the engine thread after every step as on_step(engine,
+        # outputs), e.g. to update metrics; it must not raise or block.
+        self.on_step = None
+        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.check_request(prompt_ids, sampling, adapter)
+        request_id = request_id or f"req-{next(self.engine._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._submit(("add", prompt_ids, sampling, adapter, request_id))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:  # the consumer went away: free the request now
+                self._submit(("abort", request_id))
+
+    async def call(self, fn):
+        """Run fn(engine) in the engine thread between steps; its result or exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._submit(("call", fn, loop, future))
+        return await future
+
+    def num_waiting(self) -> int:
+        """Requests waiting in the engine plus adds not applied yet (for admission control)."""
+        with self._wake:
+            pending = sum(op[0] == "add" for op in self._pending)
+        return self.engine.scheduler.num_waiting + pending
+
+    def _submit(self, op: tuple) -> None:
+        with self._wake:
+            self._pending.append(op)
+            self._wake.notify()
+
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._queues.get(request_id)
+        if entry is not None:
+            loop, queue = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._pending and not self.engine.has_unfinished():
+                    self.last_progress = time.monotonic()
+                    self._wake.wait(timeout=1.0)
+                if self._stop:
+                    return
+                ops, self._pending = self._pending, []
+            for op in ops:
+                if op[0] == "add":
+                    _, prompt_ids, sampling, adapter, request_id = op
+                    try:
+                        self.engine.add_request(prompt_ids, sampling, adapter, request_id)
+                    except Exception as exc:  # e.g. deleted adapter between check and add
+                        self._deliver(request_id, exc)
+                elif op[0] == "call":
+                    _, fn, loop, future = op
+                    try:
+                        result, error = fn(self.engine), None
+                    except Exception as exc:
+                        result, error = None, exc
+                    loop.call_soon_threadsafe(_resolve, future, result, error)
+                else:
+                    self.engine.abort(op[1])
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug or OOM in one step must not kill the server
+                log.exception("engine step failed; aborting the requests in flight")
+                for request_id in list(self.engine._gens):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, RuntimeError(f"engine step failed: {type(exc).__name__}"))
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output)
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.engine, outputs)
+                except Exception:
+                    log.exception("on_step hook failed")
+            self.last_progress = time.monotonic()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+
+def _resolve(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
