@@ -1,0 +1,177 @@
+"""Prometheus metrics, named like vLLM's where the meaning is the same, prefixed `loramux:`.
+
+One `Metrics` per app, on its own CollectorRegistry. Two feeds:
+- `on_step(engine, outputs)` runs in the engine thread after every step
+  (AsyncEngine.on_step): queue gauges, KV usage, queue time, preemptions,
+  token counters and the adapter pool;
+- `RequestTimer` runs in the event loop, one per HTTP request: TTFT,
+  inter-token latency, end-to-end latency and the finish reason.
+prometheus_client's metrics are thread-safe, so the two never lock each other.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+P = "loramux:"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                1.0, 2.5, 5.0, 10.0)
+_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """What one tier of the adapter pool holds: digest -> bytes."""
+
+    adapters: dict[str, int]
+
+
+def pool_tiers(pool) -> dict[str, TierUsage]:
+    """Per tier of the adapter pool, the adapters it holds and their bytes.
+
+    Only the device tier exists so far; a host or disk tier is one more
+    entry here, and every pool metric follows from this function.
+    """
+    page = pool.device.page_bytes
+    return {"device": TierUsage({d: pool._rank[d] * page for d in pool._resident})}
+
+
+class Metrics:
+    def __init__(self, max_loras: int):
+        self.registry = r = CollectorRegistry()
+        self.max_loras = max_loras
+        self.running = Gauge(P + "num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of requests admitted", registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", registry=r)
+        self.success = Counter(P + "request_success", "Requests finished, by finish reason",
+                               ["finished_reason"], registry=r)
+        self.preemptions = Counter(P + "num_preemptions", "Requests preempted (KV recomputed)", registry=r)
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to the first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(P + "inter_token_latency_seconds", "Time between tokens of one request",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Request latency, arrival to finish",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(P + "request_queue_time_seconds", "Time waiting before first scheduled",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        # per adapter ("" = the base model)
+        self.adapter_running = Gauge(P + "adapter_requests_running", "Running requests per adapter",
+                                     ["adapter"], registry=r)
+        self.adapter_waiting = Gauge(P + "adapter_requests_waiting", "Waiting requests per adapter",
+                                     ["adapter"], registry=r)
+        self.adapter_tokens = Counter(P + "adapter_generation_tokens", "Tokens generated per adapter",
+                                      ["adapter"], registry=r)
+        # vLLM's LoRA info gauge, read by the Gateway API inference extension
+        self.lora_info = Gauge(P + "lora_requests_info", "Running and waiting adapters (value: time)",
+                               ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        # adapter pool, per tier
+        self.pool_adapters = Gauge(P + "adapter_pool_resident_adapters", "Adapters held by a pool tier",
+                                   ["tier"], registry=r)
+        self.pool_bytes = Gauge(P + "adapter_pool_resident_bytes", "Bytes of adapters held by a pool tier",
+                                ["tier"], registry=r)
+        self.pool_loads = Counter(P + "adapter_pool_loads", "Adapters loaded into a pool tier",
+                                  ["tier"], registry=r)
+        self.pool_evictions = Counter(P + "adapter_pool_evictions", "Adapters evicted from a pool tier",
+                                      ["tier"], registry=r)
+        self.pool_load_latency = Histogram(P + "adapter_load_seconds", "Time to make an adapter resident",
+                                           ["tier"], buckets=_LOAD_BUCKETS, registry=r)
+        self._preemptions_seen = 0
+        self._seen_running: set[str] = set()  # request ids already scheduled once
+        self._adapters_seen: set[str] = set()
+        self._tier_held: dict[str, set[str]] = {}
+        self._last_info: tuple | None = None
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(reason)
+
+    # -- engine thread ------------------------------------------------------
+
+    def on_step(self, engine, outputs) -> None:
+        sched, now = engine.scheduler, time.monotonic()
+        gens = engine._gens
+        self.running.set(sched.num_running)
+        self.waiting.set(sched.num_waiting)
+        alloc = engine.allocator
+        self.kv_usage.set(1.0 - alloc.num_free / alloc.num_blocks)
+        self.preemptions.inc(engine.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = engine.num_preemptions
+
+        running, waiting = {}, {}
+        for req in sched.running:
+            gen = gens.get(req.request_id)
+            name = (gen.adapter_name if gen is not None else None) or ""
+            running[name] = running.get(name, 0) + 1
+            if req.request_id not in self._seen_running:
+                self._seen_running.add(req.request_id)
+                if gen is not None:
+                    self.queue_time.observe(now - gen.arrival_time)
+        for req in sched.waiting:
+            gen = gens.get(req.request_id)
+            name = (gen.adapter_name if gen is not None else None) or ""
+            waiting[name] = waiting.get(name, 0) + 1
+        self._seen_running.intersection_update(gens)
+        for name in self._adapters_seen | running.keys() | waiting.keys():
+            self.adapter_running.labels(name).set(running.get(name, 0))
+            self.adapter_waiting.labels(name).set(waiting.get(name, 0))
+        self._adapters_seen |= running.keys() | waiting.keys()
+        info = (",".join(sorted(n for n in running if n)), ",".join(sorted(n for n in waiting if n)))
+        if info != self._last_info:
+            if self._last_info is not None:
+                self.lora_info.remove(*self._last_info, str(self.max_loras))
+            self.lora_info.labels(*info, str(self.max_loras)).set(time.time())
+            self._last_info = info
+
+        for out in outputs:
+            n = len(out.token_ids)
+            if out.num_output_tokens == n:  # the request's first output
+                self.prompt_tokens.inc(out.num_prompt_tokens)
+            self.generation_tokens.inc(n)
+            self.adapter_tokens.labels(out.adapter or "").inc(n)
+        self._observe_pool(engine)
+
+    def _observe_pool(self, engine) -> None:
+        for tier, usage in pool_tiers(engine.adapters).items():
+            held = set(usage.adapters)
+            before = self._tier_held.get(tier, set())
+            loaded, evicted = held - before, before - held
+            if loaded:
+                self.pool_loads.labels(tier).inc(len(loaded))
+                for _ in loaded:
+                    self.pool_load_latency.labels(tier).observe(engine.last_residency_seconds / len(loaded))
+            if evicted:
+                self.pool_evictions.labels(tier).inc(len(evicted))
+            self.pool_adapters.labels(tier).set(len(held))
+            self.pool_bytes.labels(tier).set(sum(usage.adapters.values()))
+            self._tier_held[tier] = held
+
+    # -- event loop ---------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Latency of one generation as the HTTP client sees it."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.last: float | None = None
+
+    def token(self) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+
+    def finish(self, reason: str | None) -> None:
+        self.metrics.e2e.observe(time.monotonic() - self.start)
+        self.metrics.success.labels(reason or "abort").inc()
