@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/loramux generate --prompt "What is the capital of France?" --chat --max-tokens 32
+	$(BIN)/loramux serve --adapter-dir adapters_store
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout 900 tests

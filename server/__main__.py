@@ -1,7 +1,8 @@
-"""Command line: `loramux generate ...` (and `python -m server ...`)."""
+"""Command line: `loramux serve ...`, `loramux generate ...` (and `python -m server ...`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -34,9 +35,129 @@ def _generate(args) -> int:
     return 0
 
 
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+def _bytes(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _serve(args) -> int:
+    import asyncio
+    import logging
+    import time
+    from pathlib import Path
+
+    import uvicorn
+
+    from server.adapter_store import AdapterStore
+    from server.api import ServerSettings, ServerState, adapter_info, create_app
+    from server.config import EngineConfig
+    from server.engine import AsyncEngine, Engine
+    from server.llm import load_base, resolve_dtype
+    from server.metrics import Metrics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("loramux.serve")
+    dtype = resolve_dtype(args.dtype, args.device)
+    options = {k: v for k, v in dict(
+        kv_cache_bytes=args.kv_cache_bytes, adapter_pool_bytes=args.adapter_pool_bytes,
+        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting=args.max_waiting,
+    ).items() if v is not None}
+    try:
+        config = EngineConfig(dtype=dtype, device=args.device, **options)
+        net, tokenizer, folder = load_base(args.model, dtype, args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    engine = Engine(net, tokenizer, config)
+    store = AdapterStore(args.adapter_dir)
+    infos = {}
+    for adapter, meta in store.load_all(net.cfg, config.max_lora_rank):
+        try:
+            engine.adapters.register(adapter)
+        except (KeyError, ValueError) as exc:
+            log.error("skipping stored adapter %r: %s", adapter.name, exc)
+            continue
+        infos[adapter.name] = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
+    log.info("%d adapters loaded from %s", len(infos), store.root)
+    served = args.served_model_name or (
+        DEFAULT_SERVED_NAME if args.model in (None, "default") else Path(args.model).name.removesuffix(".gguf"))
+    api_key = args.api_key or os.environ.get("LORAMUX_API_KEY") or None
+    settings = ServerSettings(
+        served_model_name=served, model_root=str(folder), api_key=api_key,
+        allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
+        max_upload_bytes=args.max_upload_bytes,
+    )
+    async_engine = AsyncEngine(engine)
+    state = ServerState(async_engine, store, settings, Metrics(config.max_loras_per_batch), adapters=infos)
+    app = create_app(state)
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT: stop taking requests (503), let those in flight finish
+        (up to --drain-timeout), then exit. A second signal exits at once."""
+
+        deadline = None
+
+        def handle_exit(self, sig, frame):
+            if self.deadline is not None:
+                self.force_exit = self.should_exit = True
+                return
+            self.deadline = time.monotonic() + args.drain_timeout
+            state.draining = True
+
+        async def on_tick(self, counter):
+            if self.deadline is not None and (state.inflight == 0 or time.monotonic() > self.deadline):
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    log.info("serving %s as %r on http://%s:%d", folder, served, args.host, args.port)
+    try:
+        asyncio.run(server.serve())
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loramux", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv.add_argument("--model", default="default", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--adapter-dir", default="adapters_store", help="uploaded adapters live here")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="required as `Authorization: Bearer KEY` "
+                     "(default: env LORAMUX_API_KEY; none = open)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the base model's name in the API (default: SmolLM2-135M-Instruct or the folder name)")
+    srv.add_argument("--max-loras-per-batch", type=int, default=None)
+    srv.add_argument("--max-lora-rank", type=int, default=None)
+    srv.add_argument("--kv-cache-bytes", "--kv-cache-memory", type=_bytes, default=None, metavar="BYTES",
+                     help="KV cache budget, e.g. 512M")
+    srv.add_argument("--adapter-pool-bytes", type=_bytes, default=None, metavar="BYTES",
+                     help="device adapter pool budget, e.g. 1G")
+    srv.add_argument("--max-num-seqs", type=int, default=None)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=None)
+    srv.add_argument("--max-waiting", type=int, default=None, help="waiting requests before 429")
+    srv.add_argument("--allowed-adapter-root", action="append", default=[], metavar="DIR",
+                     help="folders /v1/load_lora_adapter may load from (repeatable; none = disabled)")
+    srv.add_argument("--max-upload-bytes", type=_bytes, default=512 * 2**20, metavar="BYTES")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="generate offline with the base model and adapters")
     gen.add_argument("--model", default="default", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")

@@ -1,0 +1,629 @@
+"""HTTP routes: OpenAI completions and chat, models, adapters, health, metrics.
+
+Routes only: requests become token ids and SamplingParams here and go to the
+AsyncEngine; everything that touches the engine or its adapter pool runs in
+the engine thread (`AsyncEngine.generate`, `AsyncEngine.call`).
+
+Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
+with these statuses: 400 invalid parameters, 401 API key, 403 adapter path
+outside the allowed roots, 404 unknown model/adapter, 409 duplicate adapter,
+413 upload over the cap, 422 adapter fails validation, 429 waiting queue full,
+503 draining or unhealthy, 500 anything unexpected (details only in the log).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from server.adapter_store import AdapterStore, check_name
+from server.engine import AsyncEngine, RequestError, RequestOutput
+from server.metrics import Metrics, RequestTimer
+from server.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, AdapterError, LoraAdapter, \
+    load_peft_adapter, parse_peft_adapter
+from server.protocol import (
+    AdapterInfo, AdapterList, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+    ChatCompletionRequest, ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, DeltaMessage, ErrorInfo, ErrorResponse, LoadLoraAdapterRequest,
+    ModelCard, ModelList, TokenLogprob, TopLogprob, UnloadLoraAdapterRequest, Usage,
+)
+from server.sampling import SamplingParams
+from server.scheduler import QueueFull
+
+log = logging.getLogger("loramux.api")
+
+OPEN_PATHS = ("/health", "/metrics")  # no API key, served while draining
+MAX_PROMPTS = 64  # prompts in one completions request
+
+_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+    413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+    500: "internal_server_error", 503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "error"),
+                                         param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    model_root: str  # the base model's folder, shown as `root` in /v1/models
+    api_key: str | None = None
+    allowed_adapter_roots: tuple[Path, ...] = ()
+    max_upload_bytes: int = 512 * 2**20
+    health_timeout_s: float = 60.0  # /health fails when the engine loop is silent this long
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    store: AdapterStore
+    settings: ServerSettings
+    metrics: Metrics
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)  # names requests may use
+    draining: bool = False
+    inflight: int = 0  # HTTP requests being served (streams included)
+    created: int = field(default_factory=lambda: int(time.time()))
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def adapter_info(adapter: LoraAdapter, sha256: str, size: int, created: int, source: str) -> AdapterInfo:
+    return AdapterInfo(name=adapter.name, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+                       target_modules=list(adapter.target_modules), size_bytes=size, sha256=sha256,
+                       created=created, source=source)
+
+
+class Gate:
+    """ASGI middleware: 503 while draining, 401 without the API key, and the
+    in-flight count the drain waits for (streaming bodies included)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        if self.state.draining:
+            return await error_response(503, "the server is shutting down", code="draining")(scope, receive, send)
+        key = self.state.settings.api_key
+        if key is not None:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return await error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                            code="invalid_api_key")(scope, receive, send)
+        self.state.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.inflight -= 1
+
+
+# ---------------------------------------------------------------------------
+# generation helpers
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    index: int  # choice index
+    prompt_index: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+class _Fanout:
+    """Runs the jobs of one HTTP request concurrently; yields (job index,
+    output). Cancelling it (or a task it runs) closes the engine generators,
+    whose `finally` aborts the requests in the engine."""
+
+    def __init__(self, state: ServerState, jobs: list[_Job], adapter: str | None):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.timers = [RequestTimer(state.metrics) for _ in jobs]
+        self.open = set(range(len(jobs)))
+        self.tasks = [asyncio.create_task(self._run(state.engine, i, j, adapter)) for i, j in enumerate(jobs)]
+
+    async def _run(self, engine: AsyncEngine, i: int, job: _Job, adapter: str | None) -> None:
+        try:
+            async for out in engine.generate(job.prompt_ids, job.sampling, adapter):
+                self.queue.put_nowait((i, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.queue.put_nowait((i, exc))
+
+    async def __aiter__(self):
+        while self.open:
+            i, item = await self.queue.get()
+            if isinstance(item, Exception):
+                self.open.discard(i)
+                self.timers[i].finish("abort")
+                raise _engine_error(item)
+            if item.token_ids:
+                self.timers[i].token()
+            if item.finished:
+                self.open.discard(i)
+                self.timers[i].finish(item.finish_reason)
+            yield i, item
+
+    def cancel(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for i in self.open:
+            self.timers[i].finish("abort")
+        self.open.clear()
+
+
+def _engine_error(exc: Exception) -> ApiError:
+    if isinstance(exc, QueueFull):
+        return ApiError(429, "the server is busy: too many requests waiting", code="queue_full")
+    if isinstance(exc, RequestError):
+        return _request_error(exc)
+    log.error("generation failed: %s", exc)
+    return ApiError(500, "generation failed in the engine", code="engine_error")
+
+
+def _request_error(exc: RequestError) -> ApiError:
+    status = 404 if exc.code == "model_not_found" else 400
+    return ApiError(status, str(exc), exc.param, exc.code)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect(request: Request, fan: _Fanout) -> dict[int, list[RequestOutput]]:
+    """All outputs of a non-streaming request; aborts the engine requests if the client leaves."""
+    results: dict[int, list[RequestOutput]] = {}
+
+    async def collect():
+        async for i, out in fan:
+            results.setdefault(i, []).append(out)
+
+    work = asyncio.create_task(collect())
+    gone = asyncio.create_task(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            raise ApiError(499, "client closed the request")
+        work.result()
+        return results
+    finally:
+        gone.cancel()
+        work.cancel()
+        fan.cancel()
+
+
+def _sse(obj) -> str:
+    payload = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {payload}\n\n"
+
+
+# ---------------------------------------------------------------------------
+# the app
+# ---------------------------------------------------------------------------
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="loramux", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.loramux = state
+    app.add_middleware(Gate, state=state)
+    engine = state.engine
+    core = engine.engine  # read-only use here: model config, tokenizer, sizes
+    tokenizer = core.tokenizer
+    model_cfg = core.model.cfg
+    max_rank = core.config.max_lora_rank
+    kv_tokens = core.allocator.num_blocks * core.allocator.block_size
+    state.engine.on_step = state.metrics.on_step
+
+    # -- errors ---------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        param = ".".join(loc) or None
+        return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", code="internal_error")
+
+    # -- helpers --------------------------------------------------------------
+
+    def resolve_model(name: str) -> str | None:
+        if name == state.settings.served_model_name:
+            return None
+        if name in state.adapters:
+            return name
+        raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def encode(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send token ids", "prompt")
+        return list(tokenizer.encode(prompt))
+
+    def sampling_params(body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+                        seed_offset: int) -> SamplingParams:
+        if max_tokens is None:
+            max_tokens = max(1, min(core.context_len, kv_tokens) - prompt_len)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=max(0, body.top_k or 0),
+                seed=None if body.seed is None else body.seed + seed_offset,
+                stop=body.stop_strings(),
+                stop_token_ids=tuple(body.stop_token_ids or ()),
+                ignore_eos=body.ignore_eos,
+                min_tokens=body.min_tokens,
+                logprobs=logprobs,
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_value") from None
+
+    def plan(body, prompts: list[list[int]], max_tokens, logprobs, adapter) -> list[_Job]:
+        jobs = []
+        for p, ids in enumerate(prompts):
+            for k in range(body.n):
+                sampling = sampling_params(body, max_tokens, len(ids), logprobs, k)
+                try:
+                    core.check_request(ids, sampling, adapter)
+                except RequestError as exc:
+                    raise _request_error(exc) from None
+                jobs.append(_Job(len(jobs), p, ids, sampling))
+        if engine.num_waiting() + len(jobs) > core.config.max_waiting:
+            raise ApiError(429, "the server is busy: too many requests waiting", code="queue_full")
+        return jobs
+
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+    def usage(jobs: list[_Job], finals: dict[int, RequestOutput]) -> Usage:
+        prompt = sum(len(ids) for ids in {j.prompt_index: j.prompt_ids for j in jobs}.values())
+        completion = sum(o.num_output_tokens for o in finals.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    # -- completions ----------------------------------------------------------
+
+    def completion_logprobs(outs: list[RequestOutput], offset: int) -> CompletionLogprobs:
+        lp = CompletionLogprobs()
+        for o in outs:
+            for token, logprob, top in o.logprobs:
+                text = token_text(token)
+                lp.tokens.append(text)
+                lp.token_logprobs.append(logprob)
+                lp.top_logprobs.append({token_text(t): v for t, v in top})
+                lp.text_offset.append(offset)
+                offset += len(text)
+        return lp
+
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def completions(body: CompletionRequest, request: Request):
+        adapter = resolve_model(body.model)
+        prompts = body.prompts()
+        if len(prompts) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+        jobs = plan(body, [encode(p) for p in prompts], body.max_tokens, body.logprobs, adapter)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        fan = _Fanout(state, jobs, adapter)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def events():
+                finals: dict[int, RequestOutput] = {}
+                offsets = [0] * len(jobs)
+                try:
+                    async for i, out in fan:
+                        if not out.text and not out.finished and body.logprobs is None:
+                            continue
+                        lp = completion_logprobs([out], offsets[i]) if body.logprobs is not None else None
+                        offsets[i] += len(out.text)
+                        if out.finished:
+                            finals[i] = out
+                        yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[
+                            CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason)]))
+                    if include_usage:
+                        yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[],
+                                                      usage=usage(jobs, finals)))
+                except ApiError as exc:
+                    yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
+                        exc.status, "error"), param=exc.param, code=exc.code)))
+                finally:
+                    fan.cancel()
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        results = await _collect(request, fan)
+        choices, finals = [], {}
+        for job in jobs:
+            outs = results[job.index]
+            finals[job.index] = outs[-1]
+            choices.append(CompletionChoice(
+                index=job.index, text="".join(o.text for o in outs), finish_reason=outs[-1].finish_reason,
+                logprobs=completion_logprobs(outs, 0) if body.logprobs is not None else None))
+        return CompletionResponse(id=rid, created=created, model=body.model, choices=choices,
+                                  usage=usage(jobs, finals))
+
+    # -- chat -----------------------------------------------------------------
+
+    def encode_chat(body: ChatCompletionRequest) -> list[int]:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # a template that rejects the conversation (e.g. role order)
+            raise ApiError(400, f"the chat template rejected the messages: {type(exc).__name__}",
+                           "messages") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def chat_logprobs(outs: list[RequestOutput]) -> ChoiceLogprobs:
+        content = []
+        for o in outs:
+            for token, logprob, top in o.logprobs:
+                text = token_text(token)
+                content.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode()), top_logprobs=[
+                    TopLogprob(token=token_text(t), logprob=v, bytes=list(token_text(t).encode()))
+                    for t, v in top]))
+        return ChoiceLogprobs(content=content)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        adapter = resolve_model(body.model)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = plan(body, [encode_chat(body)], body.token_limit(), logprobs, adapter)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        fan = _Fanout(state, jobs, adapter)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(choices, usage_=None):
+                return _sse(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices,
+                                                usage=usage_))
+
+            async def events():
+                finals: dict[int, RequestOutput] = {}
+                try:
+                    for job in jobs:
+                        yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(role="assistant",
+                                                                                         content=""))])
+                    async for i, out in fan:
+                        if not out.text and not out.finished and logprobs is None:
+                            continue
+                        if out.finished:
+                            finals[i] = out
+                        yield chunk([ChatChunkChoice(
+                            index=i, delta=DeltaMessage(content=out.text or None),
+                            logprobs=chat_logprobs([out]) if logprobs is not None else None,
+                            finish_reason=out.finish_reason)])
+                    if include_usage:
+                        yield chunk([], usage(jobs, finals))
+                except ApiError as exc:
+                    yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
+                        exc.status, "error"), param=exc.param, code=exc.code)))
+                finally:
+                    fan.cancel()
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        results = await _collect(request, fan)
+        choices, finals = [], {}
+        for job in jobs:
+            outs = results[job.index]
+            finals[job.index] = outs[-1]
+            choices.append(ChatChoice(
+                index=job.index, message=AssistantMessage(content="".join(o.text for o in outs)),
+                finish_reason=outs[-1].finish_reason,
+                logprobs=chat_logprobs(outs) if logprobs is not None else None))
+        return ChatCompletionResponse(id=rid, created=created, model=body.model, choices=choices,
+                                      usage=usage(jobs, finals))
+
+    # -- models ---------------------------------------------------------------
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        base = state.settings.served_model_name
+        cards = [ModelCard(id=base, created=state.created, root=state.settings.model_root,
+                           max_model_len=core.context_len)]
+        cards += [ModelCard(id=name, created=info.created, root=name, parent=base, max_model_len=core.context_len)
+                  for name, info in sorted(state.adapters.items())]
+        return ModelList(data=cards)
+
+    # -- adapters -------------------------------------------------------------
+
+    async def register(adapter: LoraAdapter, info: AdapterInfo, on_fail=None) -> None:
+        try:
+            await engine.call(lambda e: e.adapters.register(adapter))
+        except KeyError:
+            raise ApiError(409, f"adapter `{adapter.name}` already exists", "name", "adapter_exists") from None
+        except ValueError as exc:  # rank above the pool's limits
+            raise ApiError(422, str(exc), "adapter_model.safetensors", "invalid_adapter") from None
+        state.adapters[adapter.name] = info
+
+    async def unregister(name: str) -> AdapterInfo:
+        info = state.adapters.pop(name, None)  # new requests get 404 from here on
+        if info is None:
+            raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
+        if info.source == "upload":
+            await asyncio.to_thread(state.store.delete, name)
+        await engine.call(lambda e: e.adapters.unregister(name))  # in-flight requests keep their weights
+        return info
+
+    def check_new_name(name: str) -> None:
+        try:
+            check_name(name)
+        except AdapterError as exc:
+            raise ApiError(422, str(exc), "name", "invalid_adapter_name") from None
+        if name in state.adapters or name == state.settings.served_model_name or state.store.exists(name):
+            raise ApiError(409, f"adapter `{name}` already exists", "name", "adapter_exists")
+
+    async def read_upload(request: Request) -> tuple[str, bytes, bytes]:
+        cap = state.settings.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise ApiError(413, f"the upload is larger than the limit of {cap} bytes", code="upload_too_large")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "send multipart/form-data with `name`, adapter_config.json and "
+                                "adapter_model.safetensors")
+
+        async def capped():
+            total = 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > cap:  # stop reading: the body is never held whole
+                    raise ApiError(413, f"the upload is larger than the limit of {cap} bytes",
+                                   code="upload_too_large")
+                yield chunk
+
+        try:
+            form = await MultiPartParser(request.headers, capped(), max_files=4, max_fields=4,
+                                         max_part_size=4096).parse()
+        except MultiPartException as exc:
+            raise ApiError(400, f"malformed multipart body: {exc}") from None
+        try:
+            name = form.get("name")
+            parts: dict[str, UploadFile] = {}
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    parts[key] = value
+                    parts.setdefault(value.filename or "", value)
+            if not isinstance(name, str):
+                raise ApiError(400, "the form field `name` is missing", "name")
+            if WEIGHTS_NAME not in parts and any(p in parts for p in PICKLE_WEIGHTS_NAMES):
+                raise ApiError(422, f"{WEIGHTS_NAME}: pickled weights are never loaded; upload safetensors",
+                               WEIGHTS_NAME, "invalid_adapter")
+            for needed in (CONFIG_NAME, WEIGHTS_NAME):
+                if needed not in parts:
+                    raise ApiError(400, f"the file `{needed}` is missing", needed)
+            return name, await parts[CONFIG_NAME].read(), await parts[WEIGHTS_NAME].read()
+        finally:
+            await form.close()
+
+    @app.post("/v1/adapters", status_code=201, response_model=AdapterInfo,
+              responses={k: {"model": ErrorResponse} for k in (400, 409, 413, 422)})
+    async def upload_adapter(request: Request):
+        name, config_bytes, weights_bytes = await read_upload(request)
+        async with state.adapter_lock:
+            check_new_name(name)
+            try:
+                adapter = await asyncio.to_thread(parse_peft_adapter, config_bytes, weights_bytes, model_cfg,
+                                                  max_rank, name)
+            except AdapterError as exc:
+                raise ApiError(422, str(exc), exc.field, "invalid_adapter") from None
+            meta = await asyncio.to_thread(state.store.save, name, config_bytes, weights_bytes)
+            info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
+            try:
+                await register(adapter, info)
+            except ApiError:
+                await asyncio.to_thread(state.store.delete, name)
+                raise
+        return JSONResponse(info.model_dump(), status_code=201)
+
+    @app.get("/v1/adapters", response_model=AdapterList)
+    async def list_adapters():
+        return AdapterList(data=[state.adapters[n] for n in sorted(state.adapters)])
+
+    @app.get("/v1/adapters/{name}", response_model=AdapterInfo)
+    async def get_adapter(name: str):
+        info = state.adapters.get(name)
+        if info is None:
+            raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
+        return info
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str):
+        async with state.adapter_lock:
+            await unregister(name)
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        async with state.adapter_lock:
+            check_new_name(body.lora_name)
+            path = Path(body.lora_path).resolve()
+            roots = [r.resolve() for r in state.settings.allowed_adapter_roots]
+            if not any(path.is_relative_to(r) for r in roots):
+                raise ApiError(403, "lora_path is not under an allowed adapter root (--allowed-adapter-root)",
+                               "lora_path", "path_not_allowed")
+            try:
+                adapter = await asyncio.to_thread(load_peft_adapter, path, model_cfg, max_rank, body.lora_name)
+                weights = await asyncio.to_thread((path / WEIGHTS_NAME).read_bytes)
+            except AdapterError as exc:
+                raise ApiError(422, str(exc), exc.field, "invalid_adapter") from None
+            except OSError:
+                raise ApiError(422, "lora_path could not be read", "lora_path", "invalid_adapter") from None
+            info = adapter_info(adapter, hashlib.sha256(weights).hexdigest(), len(weights), int(time.time()),
+                                "path")
+            await register(adapter, info)
+        return info
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        async with state.adapter_lock:
+            await unregister(body.lora_name)
+        return {"id": body.lora_name, "object": "adapter", "deleted": True}
+
+    # -- operations -----------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return error_response(503, "the server is shutting down", code="draining")
+        silent = time.monotonic() - engine.last_progress
+        if silent > state.settings.health_timeout_s:
+            return error_response(503, f"the engine loop has made no progress for {silent:.0f} s",
+                                  code="engine_stalled")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
