@@ -52,3 +52,24 @@ def lora_expand(
                 out[start : start + length, lo:hi].addmm_(
                     h[s, start : start + length, :r], b, alpha=float(scales[s, slot])
                 )
+
+
+def apply_lora(x, out, work) -> None:
+    """The CPU path of one projection group, shrink and expand together:
+
+        out[i:j] += (x[i:j] @ a_t) @ b_block     for each (i, j, a_t, b_block) in work
+
+    a_t: [in, r*n] holds the adapter's A rows of all n slices; b_block:
+    [r*n, out_total] holds each slice's scaled B rows in that slice's columns
+    (server/adapter_pool.py builds both once per adapter). Math in float32
+    whatever the model dtype: tiny bf16 matmuls cost several times more than
+    fp32 ones on a CPU. x: [T, in], out: [T, out_total] updated in place.
+    """
+    if not work:
+        return
+    xf = x.float()
+    acc = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
+    for start, end, a_t, b_block in work:
+        acc[start:end].addmm_(xf[start:end] @ a_t, b_block)
+    if acc is not out:
+        out.add_(acc.to(out.dtype))

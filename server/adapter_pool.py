@@ -55,43 +55,76 @@ class PageAllocator:
         self.num_free += len(pages)
 
 
-def page_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one rank-row page: one row of A and of B^T for every module of every layer."""
+def page_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_path: bool = False) -> int:
+    """Bytes of one rank-row page: one row of A and of B^T for every module of
+    every layer (plus the CPU path's block-diagonal copy of B, see below)."""
     per_layer = sum(sum(cfg.module_shape(m)) for m in LORA_MODULES)
+    if cpu_path:
+        for lo, n in LORA_GROUPS.values():
+            per_layer += n * sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n])
     return per_layer * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
 
 
 class DeviceLoraPool:
+    """The device tier: per layer and projection group,
+
+        a_pages[l][g]: [P, n, in]        physical storage, page-major, so the n
+                                         slices' rows of one rank index are adjacent
+        a[l][g]:       [n, P, in]        the same memory seen as the kernels' layout
+        b[l][g]:       [P, out_total]    (kernels/reference.py)
+
+    On a CPU, the torch path also keeps b_block[l][g]: [P, n, out_total], the
+    scaled B rows of slice s in that slice's columns and zeros elsewhere, so
+    that one adapter's delta for a whole group is two matmuls:
+
+        h = x @ a_pages[pages].view(r*n, in).T          # [t, r*n]
+        out += h @ b_block[pages].view(r*n, out_total)  # scale and slice routing folded in
+
+    which costs n times the B memory and saves a Python-level loop over
+    slices on the per-token path, where op overhead dominates on a CPU.
+    """
+
     def __init__(self, cfg: ModelConfig, budget_bytes: int, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device="cpu"):
         self.cfg = cfg
         self.max_rank = max_rank
-        self.num_pages = budget_bytes // page_bytes(cfg, dtype)
+        self.cpu_path = torch.device(device).type == "cpu"
+        self.page_bytes = page_bytes(cfg, dtype, self.cpu_path)
+        self.num_pages = budget_bytes // self.page_bytes
         if self.num_pages < max_rank:
             raise ValueError(
                 f"adapter pool budget {budget_bytes} B holds {self.num_pages} rank-rows; "
                 f"at least max_lora_rank={max_rank} are needed"
             )
-        self.page_bytes = page_bytes(cfg, dtype)
         self.pages = PageAllocator(self.num_pages)
         P = self.num_pages
+        self.a_pages: list[dict[str, torch.Tensor]] = []
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
+        self.b_block: list[dict[str, torch.Tensor]] = []
         for _ in range(cfg.num_layers):
-            a_layer, b_layer = {}, {}
+            a_pages, a, b, b_block = {}, {}, {}, {}
             for group, (lo, n) in LORA_GROUPS.items():
                 mods = LORA_MODULES[lo : lo + n]
                 in_f = cfg.module_shape(mods[0])[1]
                 out_total = sum(cfg.module_shape(m)[0] for m in mods)
-                a_layer[group] = torch.zeros(n, P, in_f, dtype=dtype, device=device)
-                b_layer[group] = torch.zeros(P, out_total, dtype=dtype, device=device)
-            self.a.append(a_layer)
-            self.b.append(b_layer)
+                a_pages[group] = torch.zeros(P, n, in_f, dtype=dtype, device=device)
+                a[group] = a_pages[group].permute(1, 0, 2)
+                b[group] = torch.zeros(P, out_total, dtype=dtype, device=device)
+                if self.cpu_path:
+                    b_block[group] = torch.zeros(P, n, out_total, dtype=dtype, device=device)
+            self.a_pages.append(a_pages)
+            self.a.append(a)
+            self.b.append(b)
+            self.b_block.append(b_block)
         self.page_table = torch.zeros(num_slots, max_rank, dtype=torch.int32, device=device)
         self.ranks = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.int32, device=device)
         self.scales = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.float32, device=device)
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._slot_pages: dict[int, list[int]] = {}
+        # CPU path: per slot, per layer, per group, the (A^T, B_block) views
+        # the torch path multiplies by; built once at load, read every step.
+        self.cpu_views: dict[int, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     @property
     def num_free_slots(self) -> int:
@@ -117,24 +150,46 @@ class DeviceLoraPool:
         for group, (lo, n) in LORA_GROUPS.items():
             mods = LORA_MODULES[lo : lo + n]
             for layer in range(self.cfg.num_layers):
-                a_pool, b_pool = self.a[layer][group], self.b[layer][group]
-                a_pool[:, idx] = 0
+                a_pages, b_pool = self.a_pages[layer][group], self.b[layer][group]
+                a_pages[idx] = 0
                 b_pool[idx] = 0
+                b_block = self.b_block[layer].get(group)
+                if b_block is not None:
+                    b_block[idx] = 0
                 col = 0
                 for s, m in enumerate(mods):
                     out_f = self.cfg.module_shape(m)[0]
                     w = adapter.modules.get((layer, m))
                     if w is not None:
-                        r = w.a.shape[0]
-                        a_pool[s, idx[:r]] = w.a.to(a_pool.dtype)
+                        r = w.rank
+                        a_pages[idx[:r], s] = w.a.to(a_pages.dtype)
                         b_pool[idx[:r], col : col + out_f] = w.b.T.to(b_pool.dtype)
+                        if b_block is not None:
+                            b_block[idx[:r], s, col : col + out_f] = (w.b.T * w.scale).to(b_block.dtype)
                         self.ranks[layer, lo + s, slot] = r
                         self.scales[layer, lo + s, slot] = w.scale
                     col += out_f
+        if self.cpu_path:
+            self.cpu_views[slot] = self._cpu_views(pages, idx)
         return slot
+
+    def _cpu_views(self, pages: list[int], idx: torch.Tensor):
+        r = len(pages)
+        contiguous = pages == list(range(pages[0], pages[0] + r))
+        at = slice(pages[0], pages[0] + r) if contiguous else idx  # a gather copies; rare
+        views = []
+        for layer in range(self.cfg.num_layers):
+            per_group = {}
+            for group, (lo, n) in LORA_GROUPS.items():
+                a = self.a_pages[layer][group][at]  # [r, n, in]
+                b = self.b_block[layer][group][at]  # [r, n, out_total]
+                per_group[group] = (a.reshape(r * n, -1).T, b.reshape(r * n, -1))
+            views.append(per_group)
+        return views
 
     def unload(self, slot: int) -> None:
         self.pages.free(self._slot_pages.pop(slot))
+        self.cpu_views.pop(slot, None)
         self.ranks[:, :, slot] = 0
         self.scales[:, :, slot] = 0.0
         self._free_slots.append(slot)

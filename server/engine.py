@@ -65,6 +65,12 @@ class _Generation:
     first_token_time: float | None = None
 
 
+def lora_pool_dtype(model) -> torch.dtype:
+    """float32 on a CPU (the CPU path computes adapter deltas in float32,
+    see kernels/cpu.py), the model's dtype on a GPU."""
+    return torch.float32 if model.device.type == "cpu" else model.dtype
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig, adapters: AdapterPool | None = None):
         self.config = config
@@ -78,7 +84,7 @@ class Engine:
         if adapters is None:
             adapters = AdapterPool(DeviceLoraPool(
                 cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
-                model.dtype, model.device,
+                lora_pool_dtype(model), model.device,
             ))
         self.adapters = adapters
         self.scheduler = Scheduler(

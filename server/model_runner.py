@@ -109,7 +109,8 @@ class ModelRunner:
             seg = segments_from_runs(
                 [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs], t, self.device
             )
-            lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales)
+            lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales,
+                             tuple(seg.with_adapter()))
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import Segments, lora_expand, lora_shrink
+from kernels import Segments, cpu, lora_expand, lora_shrink, use_triton
 from server.config import LORA_GROUPS, ModelConfig
 
 
@@ -56,6 +56,7 @@ class LoraBatch:
     page_table: torch.Tensor  # [slots, R] int32
     ranks: torch.Tensor  # [L, 7, slots] int32
     scales: torch.Tensor  # [L, 7, slots] float32
+    active: tuple[tuple[int, int, int], ...] = ()  # (start, length, slot) of segments with an adapter
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,15 @@ class LlamaModel:
     def _linear(self, x, layer_idx: int, group: str, lora: LoraBatch | None, bias=None):
         # x: [T, in] -> [T, out_total]: base GEMM, then each token's adapter delta.
         out = F.linear(x, self.layers[layer_idx][group], bias)
-        if lora is not None:
-            lo, n = LORA_GROUPS[group]
-            pool = self.lora_pool
+        if lora is None:
+            return out
+        lo, n = LORA_GROUPS[group]
+        pool = self.lora_pool
+        if not use_triton(x):
+            views = pool.cpu_views
+            work = [(start, start + length, *views[slot][layer_idx][group]) for start, length, slot in lora.active]
+            cpu.apply_lora(x, out, work)
+        else:
             ranks = lora.ranks[layer_idx, lo : lo + n]
             h = lora_shrink(x, pool.a[layer_idx][group], lora.page_table, ranks, lora.seg)
             lora_expand(
