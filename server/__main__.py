@@ -55,6 +55,7 @@ def _serve(args) -> int:
 
     import uvicorn
 
+    from server.adapter_pool import AdapterSource
     from server.adapter_store import AdapterStore
     from server.api import ServerSettings, ServerState, adapter_info, create_app
     from server.config import EngineConfig
@@ -67,6 +68,7 @@ def _serve(args) -> int:
     dtype = resolve_dtype(args.dtype, args.device)
     options = {k: v for k, v in dict(
         kv_cache_bytes=args.kv_cache_bytes, adapter_pool_bytes=args.adapter_pool_bytes,
+        adapter_host_bytes=args.adapter_host_bytes,
         max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting,
@@ -80,10 +82,11 @@ def _serve(args) -> int:
     engine = Engine(net, tokenizer, config)
     store = AdapterStore(args.adapter_dir)
     infos = {}
-    for adapter, meta in store.load_all(net.cfg, config.max_lora_rank):
-        try:
-            engine.adapters.register(adapter)
-        except (KeyError, ValueError) as exc:
+    for adapter, meta in store.iter_all(net.cfg, config.max_lora_rank):
+        try:  # metadata only: the weights stay on disk until a request needs them
+            engine.adapters.register(AdapterSource.from_folder(store.path(adapter.name), adapter, net.cfg,
+                                                               config.max_lora_rank))
+        except (KeyError, ValueError, OSError) as exc:
             log.error("skipping stored adapter %r: %s", adapter.name, exc)
             continue
         infos[adapter.name] = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
@@ -164,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                      help="register a PEFT adapter folder (repeatable)")
+    srv.add_argument("--adapter-host-bytes", type=_bytes, default=None, metavar="BYTES",
+                     help="host cache of adapter weights read from disk, e.g. 4G (pinned on CUDA; "
+                          "default: 0 on a CPU, whose device pool is host memory already, else 4G)")
     gen.add_argument("--use", default=None, help="adapter to generate with (default: base and every adapter)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

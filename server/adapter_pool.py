@@ -1,9 +1,19 @@
-"""Adapter weights in the device pool: rank-row pages shared by all ranks.
+"""Adapter weights in three tiers: disk -> host -> device.
 
-The pool is allocated once from a byte budget. Making an adapter resident
-copies its A rows and B columns into free pages and fills its slot's row of
-the page table, ranks and scales (layout in kernels/reference.py); nothing
-is allocated on the hot path.
+    disk    every registered adapter: an `AdapterSource` (name, digest, rank,
+            bytes, and a loader that reads the weights); unlimited
+    host    a byte-budgeted LRU cache of `LoraAdapter` weights read from disk,
+            in pinned memory on CUDA; budget 0 skips it (the default on a
+            CPU, where the device tier already is host memory)
+    device  `DeviceLoraPool`: a byte budget of rank-row pages, allocated once
+
+A request holds a content digest, never a name (see AdapterPool). The step
+makes its adapters resident on the device; a worker thread loads adapters of
+waiting requests ahead of their turn (`AdapterPool.prefetch`).
+
+The device pool: making an adapter resident copies its A rows and B columns
+into free pages and fills its slot's row of the page table, ranks and scales
+(layout in kernels/reference.py); nothing is allocated on the hot path.
 
     pages   0   1   2   3   4   5   6   7   8 ...
     owner  [s1][s1][s1][s1][s0][s0][  ][  ][s2] ...   s0: rank 2, s1: rank 4
@@ -16,10 +26,24 @@ there.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
 import torch
 
 from server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
-from server.peft_format import LoraAdapter
+from server.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
+
+log = logging.getLogger("loramux.adapter_pool")
+
+TIERS = ("disk", "host", "device")
 
 
 class PageAllocator:
@@ -82,12 +106,19 @@ class DeviceLoraPool:
 
     which costs n times the B memory and saves a Python-level loop over
     slices on the per-token path, where op overhead dominates on a CPU.
+    Only the diagonal blocks of b_block are ever written, so the others stay
+    zero from allocation on.
+
+    Bookkeeping (`reserve`, `unload`) and copying (`write`) are separate so
+    that AdapterPool can copy outside its lock: a reserved slot is read by
+    no step until AdapterPool publishes it.
     """
 
     def __init__(self, cfg: ModelConfig, budget_bytes: int, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device="cpu"):
         self.cfg = cfg
         self.max_rank = max_rank
+        self.num_slots = num_slots
         self.cpu_path = torch.device(device).type == "cpu"
         self.page_bytes = page_bytes(cfg, dtype, self.cpu_path)
         self.num_pages = budget_bytes // self.page_bytes
@@ -133,50 +164,96 @@ class DeviceLoraPool:
     def fits(self, rank: int) -> bool:
         return bool(self._free_slots) and rank <= self.pages.num_free
 
-    def load(self, adapter: LoraAdapter) -> int:
-        """Copy an adapter into free pages; returns its slot."""
-        if adapter.rank > self.max_rank:
-            raise ValueError(f"adapter rank {adapter.rank} is above max_lora_rank {self.max_rank}")
+    def pages_of(self, slot: int) -> list[int]:
+        return self._slot_pages[slot]
+
+    def reserve(self, rank: int) -> int:
+        """A free slot with `rank` free pages; bookkeeping only."""
+        if rank > self.max_rank:
+            raise ValueError(f"adapter rank {rank} is above max_lora_rank {self.max_rank}")
         if not self._free_slots:
             raise MemoryError("no free adapter slot")
-        pages = self.pages.allocate(adapter.rank)
+        pages = self.pages.allocate(rank)
         slot = self._free_slots.pop()
         self._slot_pages[slot] = pages
-        idx = torch.tensor(pages, dtype=torch.long, device=self.page_table.device)
-        self.page_table[slot].zero_()
-        self.page_table[slot, : len(pages)] = idx.to(torch.int32)
-        self.ranks[:, :, slot] = 0
-        self.scales[:, :, slot] = 0.0
-        for group, (lo, n) in LORA_GROUPS.items():
-            mods = LORA_MODULES[lo : lo + n]
-            for layer in range(self.cfg.num_layers):
-                a_pages, b_pool = self.a_pages[layer][group], self.b[layer][group]
-                a_pages[idx] = 0
-                b_pool[idx] = 0
-                b_block = self.b_block[layer].get(group)
-                if b_block is not None:
-                    b_block[idx] = 0
-                col = 0
-                for s, m in enumerate(mods):
-                    out_f = self.cfg.module_shape(m)[0]
-                    w = adapter.modules.get((layer, m))
-                    if w is not None:
-                        r = w.rank
-                        a_pages[idx[:r], s] = w.a.to(a_pages.dtype)
-                        b_pool[idx[:r], col : col + out_f] = w.b.T.to(b_pool.dtype)
-                        if b_block is not None:
-                            b_block[idx[:r], s, col : col + out_f] = (w.b.T * w.scale).to(b_block.dtype)
-                        self.ranks[layer, lo + s, slot] = r
-                        self.scales[layer, lo + s, slot] = w.scale
-                    col += out_f
-        if self.cpu_path:
-            self.cpu_views[slot] = self._cpu_views(pages, idx)
         return slot
 
-    def _cpu_views(self, pages: list[int], idx: torch.Tensor):
+    def unload(self, slot: int) -> None:
+        """Give the slot and its pages back; bookkeeping only (the next
+        `write` to them overwrites what is left)."""
+        self.pages.free(self._slot_pages.pop(slot))
+        self.cpu_views.pop(slot, None)
+        self._free_slots.append(slot)
+
+    def load(self, adapter: LoraAdapter) -> int:
+        """Copy an adapter into free pages; returns its slot."""
+        slot = self.reserve(adapter.rank)
+        try:
+            self.write(slot, adapter)
+        except BaseException:
+            self.unload(slot)
+            raise
+        return slot
+
+    def write(self, slot: int, adapter: LoraAdapter, stream=None) -> None:
+        """Copy the adapter into the slot's pages, its page-table row, ranks
+        and scales. Touches nothing but that slot's memory (and, on a CUDA
+        `stream`, waits for the copies before returning)."""
+        pages = self._slot_pages[slot]
+        r, p0 = len(pages), pages[0]
+        dev = self.page_table.device
+        contiguous = pages == list(range(p0, p0 + r))
+        idx = None if contiguous else torch.tensor(pages, dtype=torch.long, device=dev)
+
+        def put(t: torch.Tensor, lo: int, hi: int, rest: tuple, value) -> None:
+            # t[pages[lo:hi]][rest] = value: a view when the pages are a run, else an index_put
+            if contiguous:
+                view = t[(slice(p0 + lo, p0 + hi),) + rest]
+                view.copy_(value) if isinstance(value, torch.Tensor) else view.fill_(value)
+            else:
+                t[(idx[lo:hi],) + rest] = value
+
+        ranks = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.int32)
+        scales = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.float32)
+        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        with ctx:
+            for layer in range(self.cfg.num_layers):
+                for group, (lo, n) in LORA_GROUPS.items():
+                    a_pages, b_pool = self.a_pages[layer][group], self.b[layer][group]
+                    b_block = self.b_block[layer].get(group)
+                    col = 0
+                    for s, m in enumerate(LORA_MODULES[lo : lo + n]):
+                        out_f = self.cfg.module_shape(m)[0]
+                        cols = slice(col, col + out_f)
+                        w = adapter.modules.get((layer, m))
+                        k = 0 if w is None else w.rank
+                        if k:
+                            put(a_pages, 0, k, (s,), w.a)
+                            put(b_pool, 0, k, (cols,), w.b.T)
+                            if b_block is not None:
+                                put(b_block, 0, k, (s, cols), w.b.T * w.scale)
+                            ranks[layer, lo + s] = k
+                            scales[layer, lo + s] = w.scale
+                        if k < r:  # rows past this module's rank: zero
+                            put(a_pages, k, r, (s,), 0.0)
+                            put(b_pool, k, r, (cols,), 0.0)
+                            if b_block is not None:
+                                put(b_block, k, r, (s, cols), 0.0)
+                        col += out_f
+            row = torch.zeros(self.max_rank, dtype=torch.int32)
+            row[:r] = torch.tensor(pages, dtype=torch.int32)
+            self.page_table[slot].copy_(row, non_blocking=stream is not None)
+            self.ranks[:, :, slot].copy_(ranks)
+            self.scales[:, :, slot].copy_(scales)
+        if stream is not None:
+            stream.synchronize()
+        if self.cpu_path:
+            self.cpu_views[slot] = self._cpu_views(pages)
+
+    def _cpu_views(self, pages: list[int]):
         r = len(pages)
         contiguous = pages == list(range(pages[0], pages[0] + r))
-        at = slice(pages[0], pages[0] + r) if contiguous else idx  # a gather copies; rare
+        at = slice(pages[0], pages[0] + r) if contiguous else torch.tensor(pages)  # a gather copies; rare
         views = []
         for layer in range(self.cfg.num_layers):
             per_group = {}
@@ -187,120 +264,655 @@ class DeviceLoraPool:
             views.append(per_group)
         return views
 
-    def unload(self, slot: int) -> None:
-        self.pages.free(self._slot_pages.pop(slot))
-        self.cpu_views.pop(slot, None)
-        self.ranks[:, :, slot] = 0
-        self.scales[:, :, slot] = 0.0
-        self._free_slots.append(slot)
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# the disk tier: what the pool knows of an adapter without its weights
+# ---------------------------------------------------------------------------
+
+class AdapterUnavailable(RuntimeError):
+    """A registered adapter's weights can no longer be read as registered."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A registered adapter on the disk tier. `load()` returns its weights
+    (float32, CPU) with this digest, or raises AdapterUnavailable."""
+
+    name: str
+    digest: str
+    rank: int
+    nbytes: int
+    load: Callable[[], LoraAdapter]
+
+    @classmethod
+    def in_memory(cls, adapter: LoraAdapter) -> "AdapterSource":
+        """Weights held by the source itself (offline use, tests, and adapters
+        deleted from disk while requests still hold them)."""
+        return cls(adapter.name, adapter.digest, adapter.rank, adapter.nbytes, _Held(adapter))
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig,
+                    max_rank: int) -> "AdapterSource":
+        """`adapter` was parsed and validated from the PEFT `folder`; only
+        its metadata is kept, the weights are read back when needed."""
+        return cls(adapter.name, adapter.digest, adapter.rank, adapter.nbytes,
+                   FolderLoader(folder, adapter, model, max_rank))
+
+    @property
+    def held(self) -> bool:
+        return isinstance(self.load, _Held)
+
+
+class _Held:
+    def __init__(self, adapter: LoraAdapter):
+        self.adapter = adapter
+
+    def __call__(self) -> LoraAdapter:
+        return self.adapter
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_KEY_PARTS = 7  # base_model.model.model.layers.{i}.{parent}.{module}.lora_{A|B}[.{name}].weight
+
+
+class FolderLoader:
+    """Reads an adapter back from its PEFT folder, fast.
+
+    At registration the folder was parsed and validated in full, giving the
+    digest; we keep the weights file's identity (inode, size, mtime) and each
+    module's scale. While the file is that same file (the adapter store
+    never rewrites one in place: uploads and deletes are renames), reading it
+    back is one read and a safetensors header parse, with no hashing. A file
+    replaced since is parsed in full again and must give the same digest.
+    """
+
+    def __init__(self, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig, max_rank: int):
+        self.folder = Path(folder)
+        st = os.stat(self.folder / WEIGHTS_NAME)
+        self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self.meta = dict(name=adapter.name, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+                         target_modules=adapter.target_modules, config=adapter.config,
+                         digest=adapter.digest, nbytes=adapter.nbytes)
+        self.ranks = {k: m.rank for k, m in adapter.modules.items()}
+        self.scales = {k: m.scale for k, m in adapter.modules.items()}
+        self.model, self.max_rank = model, max_rank
+
+    def __call__(self) -> LoraAdapter:
+        name, digest = self.meta["name"], self.meta["digest"]
+        try:
+            with open(self.folder / WEIGHTS_NAME, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_ino, st.st_size, st.st_mtime_ns) == self.identity:
+                    data = bytearray(st.st_size)
+                    if f.readinto(data) == st.st_size:
+                        return self._parse(data)
+            adapter = load_peft_adapter(self.folder, self.model, self.max_rank, name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdapterUnavailable(f"adapter {name!r}: {self.folder} cannot be read: {exc}") from None
+        if adapter.digest != digest:
+            raise AdapterUnavailable(f"adapter {name!r}: {self.folder} changed on disk since it was registered")
+        return adapter
+
+    def _parse(self, data: bytearray) -> LoraAdapter:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        base = 8 + n
+        found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            parts = key.split(".")
+            layer, module, ab = int(parts[4]), parts[6], parts[7][-1]
+            lo, hi = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            start = base + lo
+            buf = data if start % dtype.itemsize == 0 else bytearray(data[start : base + hi])
+            t = torch.frombuffer(buf, dtype=dtype, count=(hi - lo) // dtype.itemsize,
+                                 offset=start if buf is data else 0)
+            found.setdefault((layer, module), {})[ab] = t.view(info["shape"]).float()
+        modules = {}
+        for k, scale in self.scales.items():
+            a, b = found[k]["A"], found[k]["B"]
+            if a.shape[0] != self.ranks[k] or b.shape[1] != self.ranks[k]:
+                raise AdapterUnavailable(f"adapter {self.meta['name']!r}: {k} has a different rank on disk")
+            modules[k] = ModuleLora(a=a, b=b, scale=scale)
+        return LoraAdapter(modules=modules, **self.meta)
+
+
+# ---------------------------------------------------------------------------
+# the host tier
+# ---------------------------------------------------------------------------
+
+class HostCache:
+    """Byte-budgeted LRU of adapter weights (oldest first). Not thread-safe:
+    AdapterPool's lock guards it. Budget 0: nothing is cached."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[str, LoraAdapter] = OrderedDict()
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: str) -> LoraAdapter | None:
+        adapter = self._entries.get(digest)
+        if adapter is not None:
+            self._entries.move_to_end(digest)
+        return adapter
+
+    def put(self, adapter: LoraAdapter, keep: Iterable[str] = ()) -> list[str] | None:
+        """Cache the adapter, evicting least recently used entries outside
+        `keep`; returns the evicted digests, or None if it was not cached."""
+        if adapter.digest in self._entries:
+            self._entries.move_to_end(adapter.digest)
+            return []
+        keep = set(keep)
+        room = self.budget - self.nbytes + sum(a.nbytes for d, a in self._entries.items() if d not in keep)
+        if adapter.nbytes > room:
+            return None
+        evicted = []
+        while self.nbytes + adapter.nbytes > self.budget:
+            victim = next(d for d in self._entries if d not in keep)
+            self.pop(victim)
+            evicted.append(victim)
+        self._entries[adapter.digest] = adapter
+        self.nbytes += adapter.nbytes
+        return evicted
+
+    def pop(self, digest: str) -> None:
+        adapter = self._entries.pop(digest, None)
+        if adapter is not None:
+            self.nbytes -= adapter.nbytes
+
+    def items(self):
+        return list(self._entries.items())
+
+
+def _pinned_copy(adapter: LoraAdapter) -> LoraAdapter:
+    """The adapter with its tensors in page-locked memory (fast, async H2D copies)."""
+    import dataclasses
+
+    return dataclasses.replace(adapter, modules={
+        k: ModuleLora(m.a.pin_memory(), m.b.pin_memory(), m.scale) for k, m in adapter.modules.items()})
+
+
+# ---------------------------------------------------------------------------
+# the pool: registry, residency, prefetch
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TierUsage:
+    """One tier of the pool: what it holds (digest -> bytes) and its
+    counters so far (loads into it, evictions from it, prefetch hits:
+    for the device, an adapter a step needed and the prefetcher had made
+    resident; for the host, a device load served from host memory)."""
+
+    adapters: dict[str, int]
+    loads: int = 0
+    evictions: int = 0
+    prefetch_hits: int = 0
+
+
+@dataclass
+class _Counters:
+    loads: int = 0
+    evictions: int = 0
+    prefetch_hits: int = 0
 
 
 class AdapterPool:
-    """Registered adapters, and which of them are resident on the device.
+    """Registered adapters, and which of them are in host and device memory.
 
     Names map to content digests; requests hold a digest, not a name, so
     deleting a name and uploading new weights under it never serves stale
     weights to anybody, and requests already queued for the old weights
     finish with them:
 
-        register("a", v1)   names: a -> d1          adapters: d1 (refs 0)
-        request r1 for "a"  r1 holds d1             adapters: d1 (refs 1)
-        unregister("a")     names: -                adapters: d1 (refs 1, kept for r1)
-        register("a", v2)   names: a -> d2          adapters: d1, d2
-        r1 finishes         release(d1)             adapters: d2
+        register("a", v1)   names: a -> d1          sources: d1 (refs 0)
+        request r1 for "a"  r1 holds d1             sources: d1 (refs 1)
+        unregister("a")     names: -                sources: d1 (refs 1, weights kept in memory for r1)
+        register("a", v2)   names: a -> d2          sources: d1, d2
+        r1 finishes         release(d1)             sources: d2
 
-    An adapter is *in use* while a running request needs it; in-use adapters
-    are never evicted from the device. Others stay resident until their
-    pages are needed, then leave in least-recently-used order.
+    Residency. Each step the engine calls make_resident(step digests,
+    in_use) and prefetch(waiting digests, in_use), `in_use` being the
+    digests of running requests: those are *pinned*, never evicted from
+    the device until a later step's call leaves them out. Other adapters
+    stay resident until their pages are needed, then leave in least
+    recently used order. `fits` answers the scheduler's admission question
+    with the same rule, so a step's make_resident never fails.
+
+    Threads. The engine thread calls everything here; one worker thread
+    (started on demand, gone when idle) prefetches. One lock (a Condition)
+    guards all bookkeeping: names, sources, refs, the host cache, the page
+    allocator and slots. Disk reads and copies into device pages run
+    outside it:
+
+        worker: lock{pick d, busy+=d} read disk  lock{reserve pages, evicting
+                only unpinned adapters} copy into the pages  lock{publish
+                d -> slot, busy-=d, notify}
+
+    A step reads only the pages of its own adapters, which are pinned, and a
+    reserved slot is handed to no step until published, so a copy never
+    races the step reading its pages. A step that needs an adapter the
+    worker is loading waits for it (`busy`) instead of reading it again; a
+    step that needs pages the worker has reserved waits for that copy to be
+    published, then evicts it. On CUDA the worker copies on its own stream
+    and synchronizes it before publishing; pages freed by an eviction were
+    last read by a step whose kernels finished (sampling synchronized).
     """
 
-    def __init__(self, device_pool: DeviceLoraPool):
+    def __init__(self, device_pool: DeviceLoraPool, host_bytes: int = 0, prefetch: bool = True):
         self.device = device_pool
+        self.host = HostCache(host_bytes)
+        self._lock = threading.Condition()
         self._names: dict[str, str] = {}  # name -> digest
-        self._adapters: dict[str, LoraAdapter] = {}  # digest -> weights
+        self._sources: dict[str, AdapterSource] = {}  # digest -> source (the disk tier)
         self._refs: dict[str, int] = {}  # digest -> unfinished requests holding it
-        self._resident: dict[str, int] = {}  # digest -> slot, LRU order (oldest first)
-        self._rank: dict[str, int] = {}  # digest -> pages it holds on the device
+        self._slots: dict[str, int] = {}  # digest -> device slot, published or being copied
+        self._resident: OrderedDict[str, int] = OrderedDict()  # published slots, LRU order (oldest first)
+        self._busy: set[str] = set()  # digests being loaded to the device right now
+        self._pinned: frozenset[str] = frozenset()  # in use by the running step: never evicted
+        self._wanted: list[str] = []  # adapters of waiting requests, oldest first
+        self._prefetched: set[str] = set()  # made resident by the worker, not yet used by a step
+        self._failed: set[str] = set()  # the worker could not read these; a step will try (and raise)
+        self._counters = {t: _Counters() for t in TIERS}
+        self._latency: dict[str, deque[float]] = {t: deque(maxlen=4096) for t in TIERS}
+        self._prefetch = prefetch
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        dev = device_pool.page_table.device
+        self._cuda = dev.type == "cuda"
+        self._stream = torch.cuda.Stream(dev) if self._cuda else None
 
     # -- registry -----------------------------------------------------------
 
-    def register(self, adapter: LoraAdapter) -> None:
-        if adapter.name in self._names:
-            raise KeyError(f"adapter {adapter.name!r} is already registered")
-        if adapter.rank > self.device.max_rank:
-            raise ValueError(f"adapter rank {adapter.rank} is above max_lora_rank {self.device.max_rank}")
-        if adapter.rank > self.device.num_pages:
-            raise ValueError("adapter does not fit in the device adapter pool")
-        self._names[adapter.name] = adapter.digest
-        self._adapters.setdefault(adapter.digest, adapter)
+    def check_fits(self, rank: int) -> None:
+        """Raise ValueError for an adapter the device tier could never hold."""
+        if rank > self.device.max_rank:
+            raise ValueError(f"adapter rank {rank} is above max_lora_rank {self.device.max_rank}")
+        if rank > self.device.num_pages:
+            raise ValueError(
+                f"adapter of rank {rank} needs {rank} pages of {self.device.page_bytes} B; the device adapter "
+                f"pool holds {self.device.num_pages} (--adapter-pool-bytes)")
+
+    def register(self, adapter: LoraAdapter | AdapterSource) -> None:
+        source = adapter if isinstance(adapter, AdapterSource) else AdapterSource.in_memory(adapter)
+        self.check_fits(source.rank)
+        with self._lock:
+            if source.name in self._names:
+                raise KeyError(f"adapter {source.name!r} is already registered")
+            self._names[source.name] = source.digest
+            self._sources.setdefault(source.digest, source)
 
     def unregister(self, name: str) -> None:
-        """New requests can no longer name it; requests holding it finish."""
-        digest = self._names.pop(name)
-        self._drop_if_unused(digest)
+        """New requests can no longer name it; requests holding it finish,
+        with its weights kept in memory (its files may be deleted next)."""
+        with self._lock:
+            digest = self._names.pop(name)
+            if self._drop_if_unused(digest):
+                return
+            source = self._sources[digest]
+        if not source.held:
+            adapter = source.load()
+            with self._lock:
+                if digest in self._sources:
+                    self._sources[digest] = AdapterSource.in_memory(adapter)
 
     def resolve(self, name: str) -> str | None:
-        return self._names.get(name)
+        with self._lock:
+            return self._names.get(name)
 
-    def get(self, name: str) -> LoraAdapter | None:
-        digest = self._names.get(name)
-        return None if digest is None else self._adapters[digest]
+    def source(self, name: str) -> AdapterSource | None:
+        with self._lock:
+            digest = self._names.get(name)
+            return None if digest is None else self._sources[digest]
 
     def names(self) -> list[str]:
-        return list(self._names)
+        with self._lock:
+            return list(self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names
+        with self._lock:
+            return name in self._names
 
     def acquire(self, digest: str) -> None:
-        self._refs[digest] = self._refs.get(digest, 0) + 1
+        with self._lock:
+            if digest not in self._sources:
+                raise KeyError(f"no adapter with digest {digest}")
+            self._refs[digest] = self._refs.get(digest, 0) + 1
 
     def release(self, digest: str) -> None:
-        self._refs[digest] -= 1
-        if not self._refs[digest]:
-            del self._refs[digest]
-            self._drop_if_unused(digest)
+        with self._lock:
+            self._refs[digest] -= 1
+            if not self._refs[digest]:
+                del self._refs[digest]
+                self._drop_if_unused(digest)
 
-    def _drop_if_unused(self, digest: str) -> None:
+    def refs(self, digest: str) -> int:
+        with self._lock:
+            return self._refs.get(digest, 0)
+
+    def _drop_if_unused(self, digest: str) -> bool:
         if digest in self._refs or digest in self._names.values():
-            return
-        self._adapters.pop(digest, None)
-        if digest in self._resident:
-            self.device.unload(self._resident.pop(digest))
-            del self._rank[digest]
+            return False
+        del self._sources[digest]
+        self.host.pop(digest)
+        self._prefetched.discard(digest)
+        if digest in self._resident:  # a load in progress drops itself at publish
+            self._evict(digest, count=False)
+        return True
+
+    # -- accessors (metrics, tests) -----------------------------------------
+
+    def is_resident(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._resident
+
+    def resident(self) -> list[str]:
+        """Digests on the device, least recently used first."""
+        with self._lock:
+            return list(self._resident)
+
+    def pinned(self) -> frozenset[str]:
+        with self._lock:
+            return self._pinned
+
+    def tier_usage(self) -> dict[str, TierUsage]:
+        with self._lock:
+            held = {
+                "disk": {d: s.nbytes for d, s in self._sources.items()},
+                "host": {d: a.nbytes for d, a in self.host.items()},
+                "device": {d: len(self.device.pages_of(s)) * self.device.page_bytes
+                           for d, s in self._resident.items()},
+            }
+            return {t: TierUsage(held[t], c.loads, c.evictions, c.prefetch_hits)
+                    for t, c in self._counters.items()}
+
+    def take_load_seconds(self) -> dict[str, list[float]]:
+        """Load latencies per tier since the last call (disk: one read;
+        device: from wanting an adapter to its slot being published)."""
+        with self._lock:
+            out = {t: list(q) for t, q in self._latency.items()}
+            for q in self._latency.values():
+                q.clear()
+            return out
+
+    def check_consistent(self) -> None:
+        """Assert the bookkeeping invariants (tests)."""
+        with self._lock:
+            dev = self.device
+            used = [p for s in self._slots.values() for p in dev.pages_of(s)]
+            assert len(used) == len(set(used)), "a page is owned twice"
+            assert len(used) + dev.pages.num_free == dev.num_pages, "pages leaked"
+            assert len(self._slots) + dev.num_free_slots == dev.num_slots, "slots leaked"
+            assert set(self._resident) <= set(self._slots)
+            assert set(self._slots) - set(self._resident) <= self._busy, "a reserved slot nobody copies into"
+            for d, s in self._slots.items():
+                assert len(dev.pages_of(s)) == self._sources[d].rank if d in self._sources else True
+            assert self.host.nbytes <= self.host.budget
+            assert self.host.nbytes == sum(a.nbytes for _, a in self.host.items())
+            assert set(self._resident) <= set(self._sources) | self._busy
 
     # -- residency (by digest) ----------------------------------------------
 
-    def is_resident(self, digest: str) -> bool:
-        return digest in self._resident
+    def _pages(self, digest: str) -> int:
+        return len(self.device.pages_of(self._slots[digest]))
 
     def fits(self, digests: frozenset[str], in_use: frozenset[str] = frozenset()) -> bool:
         """Whether `digests` can all be resident at once, evicting only
-        adapters outside `digests` and `in_use`."""
-        keep = digests | in_use
-        missing = [self._adapters[d] for d in digests if d not in self._resident]
-        evictable = [d for d in self._resident if d not in keep]
-        free_pages = self.device.pages.num_free + sum(self._rank[d] for d in evictable)
-        free_slots = self.device.num_free_slots + len(evictable)
-        return sum(a.rank for a in missing) <= free_pages and len(missing) <= free_slots
+        adapters outside `digests` and `in_use` (a copy in progress counts
+        as evictable: make_resident waits for it, then evicts it)."""
+        with self._lock:
+            keep = digests | in_use
+            missing = [d for d in digests if d not in self._slots]
+            others = [d for d in self._slots if d not in keep]
+            free_pages = self.device.pages.num_free + sum(self._pages(d) for d in others)
+            free_slots = self.device.num_free_slots + len(others)
+            need = sum(self._sources[d].rank for d in missing)
+            return need <= free_pages and len(missing) <= free_slots
 
     def make_resident(self, digests, in_use: frozenset[str] = frozenset()) -> dict[str, int]:
         """Slots of `digests`, loading the missing ones (evicting LRU adapters
-        outside `digests` and `in_use` to make room)."""
-        keep = set(digests) | in_use
-        slots = {}
-        for d in digests:
-            if d in self._resident:
-                self._resident[d] = self._resident.pop(d)  # now most recently used
-            else:
-                adapter = self._adapters[d]
-                while not self.device.fits(adapter.rank):
-                    victim = next((v for v in self._resident if v not in keep), None)
-                    if victim is None:
-                        raise MemoryError(f"adapter {adapter.name!r} does not fit beside the adapters in use")
-                    self.device.unload(self._resident.pop(victim))
-                    del self._rank[victim]
-                self._resident[d] = self.device.load(adapter)
-                self._rank[d] = adapter.rank
-            slots[d] = self._resident[d]
-        return slots
+        outside `digests` and `in_use` to make room). `digests | in_use` is
+        pinned from now until the next call."""
+        keep = frozenset(digests) | frozenset(in_use)
+        with self._lock:
+            self._pinned = keep
+        return {d: self._ensure(d, keep) for d in digests}
+
+    def _ensure(self, digest: str, keep: frozenset[str]) -> int:
+        t0 = time.perf_counter()
+        with self._lock:
+            while digest in self._busy:  # the worker is loading it
+                self._lock.wait()
+            if digest in self._resident:
+                self._resident.move_to_end(digest)  # now most recently used
+                if digest in self._prefetched:
+                    self._prefetched.discard(digest)
+                    self._counters["device"].prefetch_hits += 1
+                return self._resident[digest]
+            self._busy.add(digest)
+            source = self._sources[digest]
+            adapter = self._host_get(digest)
+        slot = None
+        try:
+            if adapter is None:
+                adapter = self._read(source)
+            with self._lock:
+                while slot is None:
+                    slot = self._reserve(digest, source.rank, lambda v: v not in keep)
+                    if slot is None:
+                        if not any(d not in self._resident and d not in keep for d in self._slots):
+                            raise MemoryError(f"adapter {source.name!r} does not fit beside the adapters in use")
+                        self._lock.wait()  # a prefetch copy holds the pages: evict it once published
+            self.device.write(slot, adapter)
+            with self._lock:
+                self._publish(digest, slot, t0, prefetched=False)
+            return slot
+        except BaseException:
+            with self._lock:
+                if slot is not None and digest not in self._resident:
+                    self._unreserve(digest)
+            raise
+        finally:
+            with self._lock:
+                self._busy.discard(digest)
+                self._lock.notify_all()
+
+    # -- prefetch -----------------------------------------------------------
+
+    def prefetch(self, waiting: list[str], in_use: frozenset[str] = frozenset()) -> None:
+        """Hand the worker the adapters of waiting requests, oldest first:
+        it loads, off the engine thread, as many as fit on the device beside
+        the pinned `in_use`, and the next ones into host memory."""
+        with self._lock:
+            self._pinned = frozenset(in_use)
+            self._wanted = [d for d in waiting if d in self._sources]
+            if not self._prefetch or self._closed or not self._wanted:
+                return
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="loramux-prefetch", daemon=True)
+                self._worker.start()
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        """Stop the worker (it finishes the load in hand)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout=10)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Until the worker has nothing left to do (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._worker is not None and (self._busy or self._next_job() is not None):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.05))
+            return True
+
+    def _next_job(self) -> tuple[str, str, frozenset[str]] | None:
+        """(digest, tier, protected) of the next load, or None. Device: the
+        oldest waiting adapters that fit beside the pinned ones; protected =
+        those and the pinned ones, which this load must not evict. Host:
+        the waiting adapters after them, as far as the host budget goes."""
+        pages = sum(self._pages(d) for d in self._pinned if d in self._slots)
+        slots = sum(d in self._slots for d in self._pinned)
+        plan = []
+        for d in self._wanted:
+            source = self._sources.get(d)
+            if d in self._pinned or source is None:
+                continue
+            if pages + source.rank > self.device.num_pages or slots + 1 > self.device.num_slots:
+                break
+            pages, slots = pages + source.rank, slots + 1
+            plan.append(d)
+        protected = frozenset(plan) | self._pinned
+        for d in plan:
+            if d not in self._slots and d not in self._busy and d not in self._failed:
+                return d, "device", protected
+        room = self.host.budget
+        for d in self._wanted:
+            source = self._sources.get(d)
+            if source is None or d in protected or d in self._slots:
+                continue
+            room -= source.nbytes
+            if room < 0:
+                break
+            if d not in self.host and d not in self._busy and d not in self._failed:
+                return d, "host", protected
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                job = None if self._closed else self._next_job()
+                if job is None:
+                    self._lock.wait(timeout=1.0)
+                    job = None if self._closed else self._next_job()
+                    if job is None:
+                        self._worker = None
+                        self._lock.notify_all()
+                        return
+                digest, tier, protected = job
+                self._busy.add(digest)
+                source = self._sources[digest]
+                adapter = self._host_get(digest, count=tier == "device")
+            try:
+                self._load(digest, tier, protected, source, adapter)
+            except Exception:
+                log.exception("prefetching adapter %r failed", source.name)
+                with self._lock:
+                    self._failed.add(digest)
+            finally:
+                with self._lock:
+                    self._busy.discard(digest)
+                    self._lock.notify_all()
+
+    def _load(self, digest: str, tier: str, protected: frozenset[str], source: AdapterSource,
+              adapter: LoraAdapter | None) -> None:
+        t0 = time.perf_counter()
+        if adapter is None:
+            adapter = self._read(source)
+        if tier == "host":
+            return
+        with self._lock:
+            if digest not in self._sources or digest in self._slots:
+                return
+            slot = self._reserve(digest, source.rank, lambda v: v not in protected and v not in self._pinned)
+            if slot is None:  # room only after the running step: try again later
+                self._lock.wait(timeout=0.05)
+                return
+        try:
+            self.device.write(slot, adapter, self._stream)
+        except BaseException:
+            with self._lock:
+                self._unreserve(digest)
+            raise
+        with self._lock:
+            self._publish(digest, slot, t0, prefetched=True)
+
+    # -- under the lock -----------------------------------------------------
+
+    def _host_get(self, digest: str, count: bool = True) -> LoraAdapter | None:
+        adapter = self.host.get(digest)
+        if adapter is not None and count:
+            self._counters["host"].prefetch_hits += 1
+        return adapter
+
+    def _read(self, source: AdapterSource) -> LoraAdapter:
+        """Weights from the disk tier (no lock held), kept in the host tier if it has room."""
+        t0 = time.perf_counter()
+        adapter = source.load()
+        if adapter.digest != source.digest:
+            raise AdapterUnavailable(f"adapter {source.name!r}: the loader returned other weights")
+        seconds = time.perf_counter() - t0
+        if self.host.budget and adapter.nbytes <= self.host.budget and self._cuda:
+            adapter = _pinned_copy(adapter)
+        with self._lock:
+            self._counters["disk"].loads += 1
+            self._latency["disk"].append(seconds)
+            if self.host.budget and source.digest in self._sources:
+                evicted = self.host.put(adapter, keep=self._wanted)
+                if evicted is not None:
+                    self._counters["host"].loads += 1
+                    self._counters["host"].evictions += len(evicted)
+        return adapter
+
+    def _reserve(self, digest: str, rank: int, evictable: Callable[[str], bool]) -> int | None:
+        """A slot with `rank` pages for `digest`, evicting resident adapters
+        for which evictable(d), least recently used first; None if that is
+        not enough."""
+        victims, pages, slots = [], self.device.pages.num_free, self.device.num_free_slots
+        for d in self._resident:
+            if pages >= rank and slots >= 1:
+                break
+            if d != digest and evictable(d):
+                victims.append(d)
+                pages, slots = pages + self._pages(d), slots + 1
+        if pages < rank or slots < 1:
+            return None
+        for d in victims:
+            self._evict(d)
+        slot = self.device.reserve(rank)
+        self._slots[digest] = slot
+        return slot
+
+    def _unreserve(self, digest: str) -> None:
+        self.device.unload(self._slots.pop(digest))
+        self._lock.notify_all()
+
+    def _evict(self, digest: str, count: bool = True) -> None:
+        del self._resident[digest]
+        self.device.unload(self._slots.pop(digest))
+        self._prefetched.discard(digest)
+        if count:
+            self._counters["device"].evictions += 1
+
+    def _publish(self, digest: str, slot: int, t0: float, prefetched: bool) -> None:
+        if digest not in self._sources:  # unregistered and released meanwhile
+            self._unreserve(digest)
+            return
+        self._resident[digest] = slot  # most recently used
+        if prefetched:
+            self._prefetched.add(digest)
+        self._counters["device"].loads += 1
+        self._latency["device"].append(time.perf_counter() - t0)
+        self._lock.notify_all()

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from server.config import ModelConfig
 from server.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter, parse_peft_adapter
@@ -76,6 +77,10 @@ class AdapterStore:
     def _folder(self, name: str) -> Path:
         check_name(name)
         return self.root / name
+
+    def path(self, name: str) -> Path:
+        """The adapter's folder (a PEFT folder: adapter_config.json + adapter_model.safetensors)."""
+        return self._folder(name)
 
     def exists(self, name: str) -> bool:
         return self._folder(name).is_dir()
@@ -138,11 +143,16 @@ class AdapterStore:
 
     def load_all(self, model: ModelConfig, max_rank: int) -> list[tuple[LoraAdapter, StoredAdapter]]:
         """Every stored adapter that still validates; invalid ones are logged and skipped."""
-        out = []
+        return list(self.iter_all(model, max_rank))
+
+    def iter_all(self, model: ModelConfig, max_rank: int) -> Iterator[tuple[LoraAdapter, StoredAdapter]]:
+        """load_all one adapter at a time, so that a caller that keeps only
+        metadata never holds every adapter's weights at once."""
         for name in self.names():
             try:
                 config, weights, meta = self.read(name)
-                out.append((parse_peft_adapter(config, weights, model, max_rank, name), meta))
+                adapter = parse_peft_adapter(config, weights, model, max_rank, name)
             except Exception as exc:  # a bad folder must never stop the server
                 log.error("skipping stored adapter %r: %s", name, exc)
-        return out
+                continue
+            yield adapter, meta

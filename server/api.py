@@ -30,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from server.adapter_pool import AdapterSource
 from server.adapter_store import AdapterStore, check_name
 from server.engine import AsyncEngine, RequestError, RequestOutput
 from server.metrics import Metrics, RequestTimer
@@ -478,7 +479,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     # -- adapters -------------------------------------------------------------
 
-    async def register(adapter: LoraAdapter, info: AdapterInfo, on_fail=None) -> None:
+    def check_fits(adapter: LoraAdapter) -> None:
+        """422 now for an adapter the device pool could never hold, not at serve time."""
+        try:
+            core.adapters.check_fits(adapter.rank)  # reads only the pool's fixed sizes
+        except ValueError as exc:
+            raise ApiError(422, str(exc), "adapter_model.safetensors", "adapter_too_large") from None
+
+    async def register(adapter: AdapterSource, info: AdapterInfo, on_fail=None) -> None:
+        """Register the adapter's metadata; its weights stay on disk until a request needs them."""
         try:
             await engine.call(lambda e: e.adapters.register(adapter))
         except KeyError:
@@ -491,9 +500,10 @@ def create_app(state: ServerState) -> FastAPI:
         info = state.adapters.pop(name, None)  # new requests get 404 from here on
         if info is None:
             raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
+        # in-flight requests keep their weights: the pool reads them into memory before the files go
+        await engine.call(lambda e: e.adapters.unregister(name))
         if info.source == "upload":
             await asyncio.to_thread(state.store.delete, name)
-        await engine.call(lambda e: e.adapters.unregister(name))  # in-flight requests keep their weights
         return info
 
     def check_new_name(name: str) -> None:
@@ -557,10 +567,12 @@ def create_app(state: ServerState) -> FastAPI:
                                                   max_rank, name)
             except AdapterError as exc:
                 raise ApiError(422, str(exc), exc.field, "invalid_adapter") from None
+            check_fits(adapter)
             meta = await asyncio.to_thread(state.store.save, name, config_bytes, weights_bytes)
             info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
             try:
-                await register(adapter, info)
+                source = AdapterSource.from_folder(state.store.path(name), adapter, model_cfg, max_rank)
+                await register(source, info)
             except ApiError:
                 await asyncio.to_thread(state.store.delete, name)
                 raise
@@ -599,9 +611,14 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ApiError(422, str(exc), exc.field, "invalid_adapter") from None
             except OSError:
                 raise ApiError(422, "lora_path could not be read", "lora_path", "invalid_adapter") from None
+            check_fits(adapter)
             info = adapter_info(adapter, hashlib.sha256(weights).hexdigest(), len(weights), int(time.time()),
                                 "path")
-            await register(adapter, info)
+            try:
+                source = AdapterSource.from_folder(path, adapter, model_cfg, max_rank)
+            except OSError:
+                raise ApiError(422, "lora_path could not be read", "lora_path", "invalid_adapter") from None
+            await register(source, info)
         return info
 
     @app.post("/v1/unload_lora_adapter")

@@ -122,6 +122,11 @@ class EngineConfig:
     # kernels/reference.py); the page count follows from the model's shape.
     adapter_pool_bytes: int = 1024 * 2**20
     max_adapter_slots: int = 64
+    # Byte budget of the host tier (adapter weights cached from disk, pinned
+    # on CUDA); None: 0 on a CPU, where the device tier is host memory, else 4 GiB.
+    adapter_host_bytes: int | None = None
+    # Load the adapters of waiting requests ahead of their turn (a worker thread).
+    adapter_prefetch: bool = True
     # Bounded unfairness: a waiting request is served before any later
     # arrival once it has been passed over this many steps.
     max_wait_steps: int = 32
@@ -135,3 +140,5 @@ class EngineConfig:
                      "max_adapter_slots", "max_wait_steps", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.adapter_host_bytes is not None and self.adapter_host_bytes < 0:
+            raise ValueError("adapter_host_bytes must be >= 0")

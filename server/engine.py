@@ -82,10 +82,13 @@ class Engine:
         self.kv = KVCache(cfg, num_blocks, config.block_size, model.dtype, model.device)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         if adapters is None:
+            host_bytes = config.adapter_host_bytes
+            if host_bytes is None:  # a CPU's device tier is host memory already
+                host_bytes = 0 if model.device.type == "cpu" else 4 * 2**30
             adapters = AdapterPool(DeviceLoraPool(
                 cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
                 lora_pool_dtype(model), model.device,
-            ))
+            ), host_bytes, prefetch=config.adapter_prefetch)
         self.adapters = adapters
         self.scheduler = Scheduler(
             config, self.allocator,
@@ -165,16 +168,25 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def request_info(self, request_id: str) -> tuple[str | None, float] | None:
+        """(adapter name asked for, arrival time) of an unfinished request (for metrics)."""
+        g = self._gens.get(request_id)
+        return None if g is None else (g.adapter_name, g.arrival_time)
+
     # -- the step -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        in_use = self._adapters_in_use()  # pinned in the pool until the next step
         if out.is_empty:
+            self.adapters.prefetch(self.scheduler.waiting_adapters(), in_use)
             return []
         self.num_preemptions += len(out.preempted)
         t0 = time.perf_counter()
-        slots = self.adapters.make_resident(sorted(out.adapters), self._adapters_in_use())
+        slots = self.adapters.make_resident(sorted(out.adapters), in_use)
         self.last_residency_seconds = time.perf_counter() - t0
+        # waiting requests' adapters load in the pool's worker while this step runs
+        self.adapters.prefetch(self.scheduler.waiting_adapters(), in_use)
         logits = self.runner.run([
             SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter, -1), c.samples)
             for c in out.chunks

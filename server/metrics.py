@@ -11,9 +11,10 @@ prometheus_client's metrics are thread-safe, so the two never lock each other.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.adapter_pool import TierUsage
 
 P = "loramux:"
 
@@ -24,21 +25,11 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
 _LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-@dataclass(frozen=True)
-class TierUsage:
-    """What one tier of the adapter pool holds: digest -> bytes."""
-
-    adapters: dict[str, int]
-
-
 def pool_tiers(pool) -> dict[str, TierUsage]:
-    """Per tier of the adapter pool, the adapters it holds and their bytes.
-
-    Only the device tier exists so far; a host or disk tier is one more
-    entry here, and every pool metric follows from this function.
-    """
-    page = pool.device.page_bytes
-    return {"device": TierUsage({d: pool._rank[d] * page for d in pool._resident})}
+    """Per tier of the adapter pool (disk, host, device): the adapters it
+    holds with their bytes, and its load / eviction / prefetch-hit counters.
+    Every pool metric follows from this function."""
+    return pool.tier_usage()
 
 
 class Metrics:
@@ -80,12 +71,18 @@ class Metrics:
                                   ["tier"], registry=r)
         self.pool_evictions = Counter(P + "adapter_pool_evictions", "Adapters evicted from a pool tier",
                                       ["tier"], registry=r)
-        self.pool_load_latency = Histogram(P + "adapter_load_seconds", "Time to make an adapter resident",
+        self.pool_load_latency = Histogram(P + "adapter_load_seconds",
+                                           "Time to load an adapter into a pool tier (device: from the "
+                                           "moment it is wanted, disk read included)",
                                            ["tier"], buckets=_LOAD_BUCKETS, registry=r)
+        self.pool_prefetch_hits = Counter(P + "adapter_pool_prefetch_hits",
+                                          "Adapters a load found already in a tier thanks to prefetch "
+                                          "(device: resident when its step came; host: copied from host memory)",
+                                          ["tier"], registry=r)
         self._preemptions_seen = 0
         self._seen_running: set[str] = set()  # request ids already scheduled once
         self._adapters_seen: set[str] = set()
-        self._tier_held: dict[str, set[str]] = {}
+        self._tier_seen: dict[str, TierUsage] = {}
         self._last_info: tuple | None = None
         for reason in ("stop", "length", "abort"):
             self.success.labels(reason)
@@ -94,7 +91,6 @@ class Metrics:
 
     def on_step(self, engine, outputs) -> None:
         sched, now = engine.scheduler, time.monotonic()
-        gens = engine._gens
         self.running.set(sched.num_running)
         self.waiting.set(sched.num_waiting)
         alloc = engine.allocator
@@ -104,18 +100,18 @@ class Metrics:
 
         running, waiting = {}, {}
         for req in sched.running:
-            gen = gens.get(req.request_id)
-            name = (gen.adapter_name if gen is not None else None) or ""
+            info = engine.request_info(req.request_id)
+            name = (info[0] if info is not None else None) or ""
             running[name] = running.get(name, 0) + 1
             if req.request_id not in self._seen_running:
                 self._seen_running.add(req.request_id)
-                if gen is not None:
-                    self.queue_time.observe(now - gen.arrival_time)
+                if info is not None:
+                    self.queue_time.observe(now - info[1])
         for req in sched.waiting:
-            gen = gens.get(req.request_id)
-            name = (gen.adapter_name if gen is not None else None) or ""
+            info = engine.request_info(req.request_id)
+            name = (info[0] if info is not None else None) or ""
             waiting[name] = waiting.get(name, 0) + 1
-        self._seen_running.intersection_update(gens)
+        self._seen_running.intersection_update(r.request_id for r in (*sched.running, *sched.waiting))
         for name in self._adapters_seen | running.keys() | waiting.keys():
             self.adapter_running.labels(name).set(running.get(name, 0))
             self.adapter_waiting.labels(name).set(waiting.get(name, 0))
@@ -136,19 +132,18 @@ class Metrics:
         self._observe_pool(engine)
 
     def _observe_pool(self, engine) -> None:
-        for tier, usage in pool_tiers(engine.adapters).items():
-            held = set(usage.adapters)
-            before = self._tier_held.get(tier, set())
-            loaded, evicted = held - before, before - held
-            if loaded:
-                self.pool_loads.labels(tier).inc(len(loaded))
-                for _ in loaded:
-                    self.pool_load_latency.labels(tier).observe(engine.last_residency_seconds / len(loaded))
-            if evicted:
-                self.pool_evictions.labels(tier).inc(len(evicted))
-            self.pool_adapters.labels(tier).set(len(held))
+        pool = engine.adapters
+        latencies = pool.take_load_seconds()
+        for tier, usage in pool_tiers(pool).items():
+            seen = self._tier_seen.get(tier, TierUsage({}))
+            self.pool_loads.labels(tier).inc(usage.loads - seen.loads)
+            self.pool_evictions.labels(tier).inc(usage.evictions - seen.evictions)
+            self.pool_prefetch_hits.labels(tier).inc(usage.prefetch_hits - seen.prefetch_hits)
+            for seconds in latencies.get(tier, ()):
+                self.pool_load_latency.labels(tier).observe(seconds)
+            self.pool_adapters.labels(tier).set(len(usage.adapters))
             self.pool_bytes.labels(tier).set(sum(usage.adapters.values()))
-            self._tier_held[tier] = held
+            self._tier_seen[tier] = usage
 
     # -- event loop ---------------------------------------------------------
 

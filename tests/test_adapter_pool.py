@@ -1,0 +1,412 @@
+"""The adapter pool: disk -> host -> device tiers, LRU with pins, prefetch.
+
+Bookkeeping runs on a tiny ModelConfig with synthetic adapters (no model);
+the end-to-end test serves 200 adapters from disk through a device budget
+of about 8 on a tiny random Llama and compares with everything resident.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from server.adapter_pool import AdapterPool, AdapterSource, AdapterUnavailable, DeviceLoraPool, HostCache
+from server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, ModelConfig
+from server.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, save_peft_adapter
+
+CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=16, intermediate_size=24, num_layers=2,
+                  num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
+                  max_position_embeddings=256, tie_word_embeddings=False, qkv_bias=False)
+
+
+def synth(cfg: ModelConfig, name: str, rank: int, seed: int = 0, modules=LORA_MODULES) -> LoraAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    mods = {}
+    for layer in range(cfg.num_layers):
+        for m in modules:
+            out_f, in_f = cfg.module_shape(m)
+            mods[(layer, m)] = ModuleLora(torch.randn(rank, in_f, generator=gen) * 0.3,
+                                          torch.randn(out_f, rank, generator=gen) * 0.3, 2.0)
+    digest = hashlib.sha256(f"{name}/{rank}/{seed}".encode()).hexdigest()
+    nbytes = 4 * sum(w.a.numel() + w.b.numel() for w in mods.values())
+    return LoraAdapter(name, rank, 2.0 * rank, tuple(modules), mods, {"r": rank}, digest, nbytes)
+
+
+def device(pages: int, slots: int = 16) -> DeviceLoraPool:
+    max_rank = min(pages, 64)
+    probe = DeviceLoraPool(CFG, 10**9, 1, max_rank, torch.float32)
+    return DeviceLoraPool(CFG, pages * probe.page_bytes, slots, max_rank, torch.float32)
+
+
+class Counting:
+    """A disk source that counts its reads."""
+
+    def __init__(self, adapter: LoraAdapter):
+        self.adapter, self.reads = adapter, 0
+
+    def __call__(self) -> LoraAdapter:
+        self.reads += 1
+        return self.adapter
+
+
+def disk_source(adapter: LoraAdapter) -> AdapterSource:
+    return AdapterSource(adapter.name, adapter.digest, adapter.rank, adapter.nbytes, Counting(adapter))
+
+
+def assert_holds(pool: AdapterPool, slot: int, adapter: LoraAdapter) -> None:
+    """The slot's pages, ranks and scales hold exactly this adapter."""
+    dev = pool.device
+    r = adapter.rank
+    pages = dev.page_table[slot, :r].long()
+    for (layer, m), w in adapter.modules.items():
+        group = next(g for g, (lo, n) in LORA_GROUPS.items() if LORA_MODULES.index(m) in range(lo, lo + n))
+        lo, _ = LORA_GROUPS[group]
+        s = LORA_MODULES.index(m) - lo
+        torch.testing.assert_close(dev.a_pages[layer][group][pages[: w.rank], s], w.a, rtol=0, atol=0)
+        torch.testing.assert_close(dev.a_pages[layer][group][pages[w.rank :], s],
+                                   torch.zeros(r - w.rank, w.a.shape[1]), rtol=0, atol=0)
+        assert int(dev.ranks[layer, LORA_MODULES.index(m), slot]) == w.rank
+
+
+# ---------------------------------------------------------------------------
+# bookkeeping
+# ---------------------------------------------------------------------------
+
+def test_lru_order_and_pinned_never_evicted():
+    pool = AdapterPool(device(48), prefetch=False)
+    ads = [synth(CFG, f"a{i}", 16, i) for i in range(5)]
+    for a in ads:
+        pool.register(disk_source(a))
+    d = [a.digest for a in ads]
+    pool.make_resident([d[0]])
+    pool.make_resident([d[1]])
+    pool.make_resident([d[2]])
+    pool.make_resident([d[0]])  # d0 is now the most recently used: LRU order d1, d2, d0
+    assert pool.resident() == [d[1], d[2], d[0]]
+    pool.make_resident([d[3]], in_use=frozenset({d[1]}))  # d1 pinned: d2 leaves
+    assert pool.resident() == [d[1], d[0], d[3]]
+    assert not pool.fits(frozenset({d[4]}), frozenset({d[1], d[0], d[3]}))
+    with pytest.raises(MemoryError):
+        pool.make_resident([d[4]], in_use=frozenset({d[1], d[0], d[3]}))
+    pool.check_consistent()
+    assert pool.fits(frozenset({d[4]}), frozenset({d[1], d[3]}))
+    slots = pool.make_resident([d[4]], in_use=frozenset({d[1], d[3]}))
+    assert pool.resident() == [d[1], d[3], d[4]]
+    assert_holds(pool, slots[d[4]], ads[4])
+    usage = pool.tier_usage()
+    assert usage["device"].evictions == 2 and usage["device"].loads == 5  # d0 loaded once, reused
+    assert sum(usage["device"].adapters.values()) == 48 * pool.device.page_bytes
+    pool.check_consistent()
+
+
+def test_pages_reused_across_ranks_4_to_64_without_fragmentation():
+    pool = AdapterPool(device(100, slots=8), prefetch=False)
+    rng = random.Random(0)
+    ads = [synth(CFG, f"r{i}", rng.choice([4, 8, 12, 16, 24, 32, 48, 64]), i) for i in range(40)]
+    for a in ads:
+        pool.register(disk_source(a))
+    for step in range(300):
+        a = rng.choice(ads)
+        # room is total free pages, never a contiguous run: any rank fits once enough is evicted
+        slot = pool.make_resident([a.digest])[a.digest]
+        assert_holds(pool, slot, a)
+        pool.check_consistent()
+        used = sum(len(pool.device.pages_of(pool.make_resident([d])[d])) for d in [a.digest])
+        assert used == a.rank
+    # every resident adapter still holds its own weights after all that churn
+    by_digest = {a.digest: a for a in ads}
+    for d in pool.resident():
+        assert_holds(pool, pool.make_resident([d])[d], by_digest[d])
+
+
+def test_host_tier_budget_lru_and_disk_reads():
+    ads = [synth(CFG, f"h{i}", 8, i) for i in range(4)]
+    pool = AdapterPool(device(8, slots=1), host_bytes=2 * ads[0].nbytes, prefetch=False)
+    sources = [disk_source(a) for a in ads]
+    for s in sources:
+        pool.register(s)
+    for a in ads[:3]:
+        pool.make_resident([a.digest])
+    host = pool.tier_usage()["host"]
+    assert set(host.adapters) == {ads[1].digest, ads[2].digest}  # a0 left the host tier (LRU)
+    assert host.evictions == 1 and sum(host.adapters.values()) <= 2 * ads[0].nbytes
+    pool.make_resident([ads[1].digest])  # from host memory, not disk
+    assert [s.load.reads for s in sources] == [1, 1, 1, 0]
+    assert pool.tier_usage()["host"].prefetch_hits == 1
+    pool.make_resident([ads[0].digest])  # from disk again
+    assert sources[0].load.reads == 2
+    pool.check_consistent()
+
+
+def test_host_cache_keeps_protected_entries():
+    ads = [synth(CFG, f"c{i}", 4, i) for i in range(3)]
+    cache = HostCache(2 * ads[0].nbytes)
+    assert cache.put(ads[0]) == [] and cache.put(ads[1]) == []
+    assert cache.put(ads[2], keep={ads[0].digest, ads[1].digest}) is None
+    assert cache.put(ads[2], keep={ads[0].digest}) == [ads[1].digest]
+    assert cache.nbytes == 2 * ads[0].nbytes
+
+
+def test_refs_released_and_names_are_digests():
+    pool = AdapterPool(device(64), prefetch=False)
+    v1, v2 = synth(CFG, "a", 8, 1), synth(CFG, "a", 8, 2)
+    s1 = disk_source(v1)
+    pool.register(s1)
+    d1 = pool.resolve("a")
+    pool.acquire(d1)
+    pool.make_resident([d1], frozenset({d1}))
+    pool.unregister("a")  # r1 still holds d1: its weights are read into memory now
+    assert s1.load.reads == 2 and pool.source("a") is None
+    pool.register(v2)
+    d2 = pool.resolve("a")
+    assert d2 != d1 and pool.is_resident(d1)
+    pool.release(d1)
+    assert pool.refs(d1) == 0 and not pool.is_resident(d1)
+    assert set(pool.tier_usage()["disk"].adapters) == {d2}
+    pool.check_consistent()
+
+
+def test_folder_source_reads_back_and_checks_identity(tmp_path):
+    a = synth(CFG, "f", 8, 3, modules=("q_proj", "v_proj", "down_proj"))
+    save_peft_adapter(a, tmp_path / "f")
+    from server.peft_format import load_peft_adapter
+
+    parsed = load_peft_adapter(tmp_path / "f", CFG, 64, "f")
+    source = AdapterSource.from_folder(tmp_path / "f", parsed, CFG, 64)
+    back = source.load()
+    assert back.digest == parsed.digest and back.modules.keys() == parsed.modules.keys()
+    for k, w in parsed.modules.items():
+        assert torch.equal(back.modules[k].a, w.a) and torch.equal(back.modules[k].b, w.b)
+        assert back.modules[k].scale == w.scale
+    # the file replaced by other weights: parsed in full, digest differs, refused
+    save_peft_adapter(synth(CFG, "f", 8, 4, modules=("q_proj", "v_proj", "down_proj")), tmp_path / "f")
+    with pytest.raises(AdapterUnavailable):
+        source.load()
+    (tmp_path / "f" / WEIGHTS_NAME).unlink()
+    with pytest.raises(AdapterUnavailable):
+        source.load()
+
+
+def test_prefetch_loads_waiting_adapters_and_counts_hits():
+    pool = AdapterPool(device(32), prefetch=True)
+    ads = [synth(CFG, f"p{i}", 8, i) for i in range(6)]
+    for a in ads:
+        pool.register(disk_source(a))
+    d = [a.digest for a in ads]
+    pool.make_resident([d[0]], frozenset({d[0]}))
+    pool.prefetch(d[1:], frozenset({d[0]}))  # room for 3 beside the pinned d0
+    assert pool.wait_idle()
+    assert set(pool.resident()) == {d[0], d[1], d[2], d[3]}
+    slots = pool.make_resident([d[1], d[2]], frozenset({d[1], d[2]}))
+    assert pool.tier_usage()["device"].prefetch_hits == 2
+    assert_holds(pool, slots[d[1]], ads[1])
+    pool.close()
+    pool.check_consistent()
+
+
+def test_step_and_worker_race_keeps_pages_intact():
+    """The engine thread serves random batches while the worker prefetches
+    others: every slot a step gets holds its adapter's weights."""
+    pool = AdapterPool(device(64, slots=8), prefetch=True)
+    rng = random.Random(1)
+    ads = [synth(CFG, f"t{i}", rng.choice([4, 8, 16]), i) for i in range(24)]
+    for a in ads:
+        pool.register(disk_source(a))
+    by_digest = {a.digest: a for a in ads}
+    digests = list(by_digest)
+    for _ in range(150):
+        batch = rng.sample(digests, 3)
+        if not pool.fits(frozenset(batch)):
+            continue
+        slots = pool.make_resident(batch, frozenset(batch))
+        pool.prefetch(rng.sample(digests, 6), frozenset(batch))
+        for dg, slot in slots.items():  # the "step" reads its pages while the worker copies
+            assert_holds(pool, slot, by_digest[dg])
+    pool.wait_idle()
+    pool.close()
+    pool.check_consistent()
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random register / acquire / release / step / prefetch / unregister,
+    with the prefetch worker running concurrently."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = AdapterPool(device(40, slots=6), host_bytes=0, prefetch=True)
+        self.adapters: dict[str, LoraAdapter] = {}  # digest -> weights, every one ever registered
+        self.names: dict[str, str] = {}
+        self.held: list[str] = []  # digests held by "requests"
+        self.n = 0
+
+    @rule(rank=st.sampled_from([4, 8, 16, 32]))
+    def register(self, rank):
+        a = synth(CFG, f"m{self.n}", rank, self.n)
+        self.n += 1
+        self.pool.register(disk_source(a) if self.n % 2 else a)
+        self.adapters[a.digest], self.names[a.name] = a, a.digest
+
+    @precondition(lambda self: self.names)
+    @rule(data=st.data())
+    def acquire(self, data):
+        d = self.names[data.draw(st.sampled_from(sorted(self.names)))]
+        self.pool.acquire(d)
+        self.held.append(d)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data):
+        d = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        self.pool.release(d)
+
+    @precondition(lambda self: self.names)
+    @rule(data=st.data())
+    def unregister(self, data):
+        name = data.draw(st.sampled_from(sorted(self.names)))
+        self.pool.unregister(name)
+        del self.names[name]
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def step(self, data):
+        running = frozenset(data.draw(st.lists(st.sampled_from(self.held), max_size=3)))
+        batch = frozenset(data.draw(st.lists(st.sampled_from(sorted(running)), max_size=3))) if running else frozenset()
+        if not self.pool.fits(batch | running):
+            return
+        slots = self.pool.make_resident(sorted(batch), running)
+        for d, slot in slots.items():
+            assert_holds(self.pool, slot, self.adapters[d])
+        waiting = [d for d in self.held if d not in running]
+        self.pool.prefetch(waiting, running)
+        for d in running:  # pinned: still there while the worker runs
+            assert self.pool.is_resident(d) or d not in batch
+        for d, slot in slots.items():
+            assert self.pool.is_resident(d)
+
+    @invariant()
+    def consistent(self):
+        self.pool.check_consistent()
+        dev = self.pool.device
+        assert dev.pages.num_free >= 0 and sum(self.pool.tier_usage()["device"].adapters.values()) \
+            <= dev.num_pages * dev.page_bytes
+
+    def teardown(self):
+        self.pool.wait_idle()
+        self.pool.close()
+        self.pool.check_consistent()
+        for d in list(self.held):
+            self.pool.release(d)
+        for name in list(self.names):
+            self.pool.unregister(name)
+        assert not self.pool.resident() and not self.pool.tier_usage()["disk"].adapters
+
+
+PoolMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
+test_pool_state_machine = PoolMachine.TestCase
+
+
+# ---------------------------------------------------------------------------
+# a tiny model: 200 adapters on disk, a device budget of about 8
+# ---------------------------------------------------------------------------
+
+def _zipf(n: int, count: int, rng: random.Random) -> list[int]:
+    weights = [1.0 / (k + 1) for k in range(n)]
+    return rng.choices(range(n), weights, k=count)
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    from transformers import AutoConfig
+
+    from tiny import make_model
+
+    root = tmp_path_factory.mktemp("many")
+    make_model(root / "base", "llama")
+    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(root / "base"))
+    rng = random.Random(5)
+    adapters = []
+    for i in range(200):
+        a = synth(cfg, f"ad{i}", rng.choice([4, 8, 16]), 100 + i)
+        save_peft_adapter(a, root / a.name)
+        adapters.append(a)
+    return root, cfg, adapters
+
+
+def _engine(root, cfg, adapters, pool_bytes, from_disk, **options):
+    from server.engine import Engine
+    from server.llm import DTYPES
+    from server.loader import load_safetensors_weights
+    from server.models.llama import LlamaModel
+
+    model = LlamaModel(cfg, load_safetensors_weights(root / "base"), DTYPES["float32"])
+    options = {"max_num_seqs": 32, **options}
+    config = EngineConfig(block_size=4, kv_cache_bytes=4 * 2**20, max_lora_rank=16,
+                          adapter_pool_bytes=pool_bytes, **options)
+    engine = Engine(model, None, config)
+    for a in adapters:
+        engine.adapters.register(AdapterSource.from_folder(root / a.name, a, cfg, 16) if from_disk else a)
+    return engine
+
+
+def test_200_adapters_through_8_resident_equal_all_resident(many):
+    from server.sampling import SamplingParams
+
+    root, cfg, adapters = many
+    page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
+    rng = random.Random(7)
+    picks = _zipf(len(adapters), 300, rng)
+    prompts = [[rng.randrange(3, 128) for _ in range(rng.randint(2, 6))] for _ in picks]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def serve(engine):
+        ids = [engine.add_request(p, params, adapters[k].name) for p, k in zip(prompts, picks)]
+        out = engine.run_to_completion()
+        return [[t for o in out[i] for t in o.token_ids] for i in ids]
+
+    full = _engine(root, cfg, adapters, page * sum(a.rank for a in adapters), False, max_adapter_slots=256)
+    want = serve(full)
+    small = _engine(root, cfg, adapters, page * 8 * 8, True)  # ranks 4/8/16: about 8 adapters
+    got = serve(small)
+    assert got == want
+    pool = small.adapters
+    usage = pool.tier_usage()
+    assert usage["device"].evictions > 0 and usage["disk"].loads >= len(set(picks))
+    assert sum(usage["device"].adapters.values()) <= small.config.adapter_pool_bytes
+    assert usage["host"].adapters == {}  # CPU: the host tier is skipped
+    assert all(pool.refs(a.digest) == 0 for a in adapters)
+    pool.wait_idle()
+    pool.check_consistent()
+
+
+def test_abort_and_finish_release_their_adapters(many):
+    from server.sampling import SamplingParams
+
+    root, cfg, adapters = many
+    page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
+    engine = _engine(root, cfg, adapters[:20], page * 64, True, max_num_seqs=4)
+    ids = [engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), adapters[i].name)
+           for i in range(12)]
+    engine.step()
+    engine.step()
+    running = [r.request_id for r in engine.scheduler.running]
+    waiting = [r.request_id for r in engine.scheduler.waiting]
+    assert running and waiting
+    engine.abort(running[0])
+    engine.abort(waiting[0])
+    engine.adapters.unregister(adapters[3].name)  # held by a queued request: still served
+    engine.run_to_completion()
+    pool = engine.adapters
+    assert all(pool.refs(a.digest) == 0 for a in adapters[:20])
+    engine.step()  # nothing left: the pins of the last step go
+    assert pool.pinned() == frozenset()
+    assert adapters[3].digest not in pool.tier_usage()["disk"].adapters
+    assert len(ids) == 12
+    pool.wait_idle()
+    pool.check_consistent()
