@@ -63,7 +63,10 @@ def apply_lora(x, out, work) -> None:
     [r*n, out_total] holds each slice's scaled B rows in that slice's columns
     (server/adapter_pool.py builds both once per adapter). Math in float32
     whatever the model dtype: tiny bf16 matmuls cost several times more than
-    fp32 ones on a CPU. x: [T, in], out: [T, out_total] updated in place.
+    fp32 ones on a CPU. Batching the segments into one torch.bmm over pool
+    views was measured slower than this loop for decode shapes (torch's CPU
+    bmm of many small matrices does not beat separate matmuls).
+    x: [T, in], out: [T, out_total] updated in place.
     """
     if not work:
         return
