@@ -1,4 +1,4 @@
-"""Command line: `loramux serve ...`, `loramux generate ...` (and `python -m server ...`)."""
+"""Command line: `loramux serve ...`, `loramux generate ...`, `loramux bench ...` (and `python -m server ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -131,7 +131,22 @@ def _serve(args) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    """bench/load_test.py, which lives beside server/ in the source tree."""
+    try:
+        from bench import load_test
+    except ImportError:
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench import load_test
+    return load_test.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option after `bench` is the load test's own
+        return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="loramux", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -179,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+
+    sub.add_parser("bench", add_help=False,
+                   help="load-test an OpenAI-compatible server (bench/load_test.py; `loramux bench --help`)")
 
     args = parser.parse_args(argv)
     return args.func(args)
