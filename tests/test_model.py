@@ -84,7 +84,11 @@ def _pool(cfg, paths, dtype=torch.float32):
     return pool
 
 
-def test_mixed_adapter_batch_equals_peft(mixed_setup):
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
+    # "triton": the model's LoRA ops run the Triton kernels (kernels/sgmv.py),
+    # under the interpreter on this CPU (tests/conftest.py)
+    monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
     base_dir, paths = mixed_setup
     cfg, model, kv = build(base_dir)
     pool = _pool(cfg, paths)
