@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.load_test import Arrivals, Length, Workload, adapter_weights, check_local, percentile
+from bench import load_test
+from bench.load_test import Arrivals, Length, Result, Workload, adapter_weights, check_local, percentile
 from test_api import KEY, ROOT, Server
 
 # ---------------------------------------------------------------------------
@@ -80,6 +81,30 @@ def test_percentile_matches_numpy_linear():
     assert percentile([3.0], 99) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile(list(map(float, range(101))), 90) == 90.0
+
+
+def _report(label: str, speed: float) -> dict:
+    runs = []
+    for rate in (1.0, 2.0):
+        results = [Result(i, "a", "200", None, "length", 8, 4, start=i / rate, ttft=0.1 / speed, e2e=0.4 / speed,
+                          itl=[0.1 / speed] * 3) for i in range(5)]
+        results.append(Result(5, "a", "429", "busy"))
+        runs.append({"load": f"poisson {rate:g} req/s", "summary": load_test.summarize(results, 10.0, 0.15)})
+    return {"label": label, "workload": {"adapters": 1}, "runs": runs}
+
+
+def test_summary_compare_and_plot(tmp_path):
+    a, b = _report("vllm", 1.0), _report("loramux", 2.0)
+    s = b["runs"][0]["summary"]
+    assert s["completed"] == 5 and s["errors"] == {"429": 1} and s["output_tokens"] == 20
+    assert s["slo_attainment"] == 5 / 6  # the failed request misses the SLO
+    assert abs(s["tpot_s"]["p50"] - 0.05) < 1e-9  # (e2e - ttft) / (4 - 1)
+    text = load_test.format_compare(a, b)
+    assert "0.50x" in text and "errors 429" in text  # loramux's TTFT is half of vllm's
+    assert "TTFT p99 ms" in load_test.format_table(b["runs"][0])
+    pytest.importorskip("matplotlib")  # the optional `bench` extra
+    load_test.plot([a, b], str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------------------
