@@ -43,10 +43,12 @@ def lora_shrink(x, a_pool, page_table, ranks, seg: Segments) -> torch.Tensor:
     return cpu.lora_shrink(x, a_pool, page_table, ranks, seg)
 
 
-def lora_expand(h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets) -> None:
-    """h: [n, T, R], b_pool: [P, out_total]; out: [T, out_total] += per-slice deltas, in place."""
+def lora_expand(h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets,
+                dora_scale=None) -> None:
+    """h: [n, T, R], b_pool: [P, out_total]; out: [T, out_total] += per-slice deltas, in place,
+    then (DoRA) adapter rows *= dora_scale[slot] ([slots, out_total]), see kernels/reference.py."""
     if use_triton(h):
         from . import sgmv
 
-        return sgmv.lora_expand(h, b_pool, page_table, ranks, scales, seg, out, slice_offsets)
-    return cpu.lora_expand(h, b_pool, page_table, ranks, scales, seg, out, slice_offsets)
+        return sgmv.lora_expand(h, b_pool, page_table, ranks, scales, seg, out, slice_offsets, dora_scale)
+    return cpu.lora_expand(h, b_pool, page_table, ranks, scales, seg, out, slice_offsets, dora_scale)

@@ -39,9 +39,9 @@ def lora_shrink(x, a_pool, page_table, ranks, seg: Segments) -> torch.Tensor:
 
 
 def lora_expand(
-    h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets: Sequence[int]
+    h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets: Sequence[int], dora_scale=None
 ) -> None:
-    # h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] (in place)
+    # h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] (in place); dora_scale: [slots, out_total]
     n = h.shape[0]
     for start, length, slot in seg.with_adapter():
         for s in range(n):
@@ -52,12 +52,15 @@ def lora_expand(
                 out[start : start + length, lo:hi].addmm_(
                     h[s, start : start + length, :r], b, alpha=float(scales[s, slot])
                 )
+        if dora_scale is not None:
+            out[start : start + length].mul_(dora_scale[slot].to(out.dtype))
 
 
-def apply_lora(x, out, work) -> None:
+def apply_lora(x, out, work, dora=()) -> None:
     """The CPU path of one projection group, shrink and expand together:
 
         out[i:j] += (x[i:j] @ a_t) @ b_block     for each (i, j, a_t, b_block) in work
+        out[i:j] *= scale                        then for each (i, j, scale) in dora
 
     a_t: [in, r*n] holds the adapter's A rows of all n slices; b_block:
     [r*n, out_total] holds each slice's scaled B rows in that slice's columns
@@ -66,13 +69,28 @@ def apply_lora(x, out, work) -> None:
     fp32 ones on a CPU. Batching the segments into one torch.bmm over pool
     views was measured slower than this loop for decode shapes (torch's CPU
     bmm of many small matrices does not beat separate matmuls).
+    dora: the segments of DoRA adapters, scale: [out_total] float32, m /
+    ||W0 + s·B·A||_row (1.0 in columns of plain modules); it scales the base
+    output as well, so in a reduced-precision batch with DoRA rows the rows
+    are summed and scaled in float32 and rounded once.
     x: [T, in], out: [T, out_total] updated in place.
     """
     if not work:
         return
     xf = x.float()
-    acc = out if out.dtype == torch.float32 else torch.zeros(out.shape, dtype=torch.float32)
+    if out.dtype == torch.float32:
+        acc = out
+    elif dora:
+        acc = out.float()  # exact copy; rows without an adapter come back unchanged
+    else:
+        acc = torch.zeros(out.shape, dtype=torch.float32)
     for start, end, a_t, b_block in work:
         acc[start:end].addmm_(xf[start:end] @ a_t, b_block)
-    if acc is not out:
+    for start, end, scale in dora:
+        acc[start:end].mul_(scale)
+    if acc is out:
+        return
+    if dora:
+        out.copy_(acc)
+    else:
         out.add_(acc.to(out.dtype))

@@ -66,11 +66,16 @@ def lora_expand(
     seg: Segments,
     out: torch.Tensor,
     slice_offsets: Sequence[int],
+    dora_scale: torch.Tensor | None = None,
 ) -> None:
     """out[t, off[s]:off[s+1]] += scales[s, slot] * h[s, t, :r] @ b_pool[pages[:r], off[s]:off[s+1]].
 
     h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] updated in place;
-    rows of tokens with no adapter are not touched.
+    rows of tokens with no adapter are not touched. With dora_scale
+    ([slots, out_total] float32, DoRA's m / ||W0 + s·B·A||_row, 1.0 for plain
+    modules) each adapter token's row then becomes out[t] * dora_scale[slot(t)],
+    the columns of slices of rank 0 excepted:
+    out[t, cols(s)] = dora_scale[slot, cols(s)] * (out[t, cols(s)] + delta) for r_s > 0.
     """
     n = h.shape[0]
     for start, length, slot in seg.with_adapter():
@@ -82,4 +87,7 @@ def lora_expand(
             b = b_pool[page_table[slot, :r].long(), lo:hi].float()  # [r, out_s]
             delta = h[s, start : start + length, :r].float() @ b * float(scales[s, slot])
             rows = out[start : start + length, lo:hi]
-            rows.copy_((rows.float() + delta).to(out.dtype))
+            new = rows.float() + delta
+            if dora_scale is not None:
+                new = new * dora_scale[slot, lo:hi].float()
+            rows.copy_(new.to(out.dtype))

@@ -97,18 +97,20 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    h_ptr, b_ptr, out_ptr, page_table_ptr, ranks_ptr, scales_ptr,
+    h_ptr, b_ptr, out_ptr, page_table_ptr, ranks_ptr, scales_ptr, dora_ptr,
     seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
     off0, off1, off2, off3, off4,
     stride_hs, stride_ht, stride_hr,
     stride_bp, stride_bn,
     stride_ot, stride_on,
     stride_pt_slot, stride_pt_r, stride_rk_s, stride_rk_slot, stride_sc_s, stride_sc_slot,
-    N_SLICES: tl.constexpr,
+    stride_dora_slot, stride_dora_n,
+    N_SLICES: tl.constexpr, HAS_DORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # out[start + m, c] += scale_s * h[s, start + m, :r] . b_pool[pages[:r], c], s = slice of column c
+    # HAS_DORA: then out[start + m, c] *= dora[slot, c] (DoRA's row scale, 1.0 for plain modules)
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     c0 = off0 + tl.program_id(2) * BLOCK_N
@@ -165,7 +167,11 @@ def _expand_kernel(
     mask = m_mask[:, None] & written[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
     old = tl.load(out_ptrs, mask=mask, other=0.0)
-    tl.store(out_ptrs, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    new = old.to(tl.float32) + acc
+    if HAS_DORA:  # the epilogue: one [BLOCK_N] load per program
+        dora = tl.load(dora_ptr + slot * stride_dora_slot + offs_n * stride_dora_n, mask=written, other=1.0)
+        new = new * dora[None, :]
+    tl.store(out_ptrs, new.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _longest_adapter_run(seg: Segments) -> int:
@@ -229,12 +235,14 @@ def lora_shrink(x, a_pool, page_table, ranks, seg: Segments) -> torch.Tensor:
 
 
 def lora_expand(
-    h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets: Sequence[int]
+    h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets: Sequence[int], dora_scale=None
 ) -> None:
     """out[t, off[s]:off[s+1]] += scales[s, slot] * h[s, t, :r] @ b_pool[pages[:r], off[s]:off[s+1]].
 
     h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] updated in place;
     rows of tokens with no adapter, and columns of slices of rank 0, are not touched.
+    dora_scale: [slots, out_total] float32 or None; written columns are then
+    multiplied by dora_scale[slot(t)] in the same pass (DoRA, kernels/reference.py).
     """
     n = h.shape[0]
     offs = [int(o) for o in slice_offsets]
@@ -251,6 +259,10 @@ def lora_expand(
     if tuple(scales.shape) != tuple(ranks.shape) or not (h.device == b_pool.device == out.device == scales.device):
         raise ValueError("scales must be shaped like ranks, and all tensors on one device")
     _check_tables(page_table, ranks, n, out.device)
+    if dora_scale is not None and (dora_scale.dim() != 2 or dora_scale.shape[0] != page_table.shape[0]
+                                   or dora_scale.shape[1] < offs[-1] or dora_scale.device != out.device):
+        raise ValueError(f"dora_scale must be [{page_table.shape[0]}, >= {offs[-1]}] on the device of out, "
+                         f"got {tuple(dora_scale.shape)}")
 
     longest = _longest_adapter_run(seg)
     if longest == 0 or offs[-1] == offs[0]:
@@ -260,12 +272,13 @@ def lora_expand(
     block_n = 64 if use_dot else max(16, 256 // block_m)
     grid = (seg.num_segments, triton.cdiv(longest, block_m), triton.cdiv(offs[-1] - offs[0], block_n))
     padded = offs + [offs[-1]] * (MAX_SLICES + 1 - len(offs))
+    dora = scales if dora_scale is None else dora_scale  # any pointer when unused
     _expand_kernel[grid](
-        h, b_pool, out, page_table, ranks, scales,
+        h, b_pool, out, page_table, ranks, scales, dora,
         seg.starts, seg.lens, seg.slots,
         *padded,
         *h.stride(), *b_pool.stride(), *out.stride(),
-        *page_table.stride(), *ranks.stride(), *scales.stride(),
-        N_SLICES=n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16,
+        *page_table.stride(), *ranks.stride(), *scales.stride(), *dora.stride(),
+        N_SLICES=n, HAS_DORA=dora_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16,
         USE_DOT=use_dot, PRECISION=_precision(h.dtype, b_pool.dtype),
     )

@@ -109,6 +109,18 @@ class DeviceLoraPool:
     Only the diagonal blocks of b_block are ever written, so the others stay
     zero from allocation on.
 
+    DoRA: per slot, layer and group a row scale (float32, one per output column)
+
+        dora_scale[l][g]: [slots, out_total]   m / ||W0 + s·B·A||_row in the columns
+                                               of a DoRA module, 1.0 elsewhere
+
+    computed once when the adapter is written (it needs the base weights:
+    `base_weights(layer, group)` gives the model's fused [out_total, in]
+    weight, attached by the model runner), so serving a DoRA token costs one
+    elementwise multiply of its output row: y = scale ⊙ (W0 x + s·B·A x).
+    `is_dora[slot]` says whether a slot holds a DoRA adapter; batches with
+    none skip the multiply.
+
     Bookkeeping (`reserve`, `unload`) and copying (`write`) are separate so
     that AdapterPool can copy outside its lock: a reserved slot is read by
     no step until AdapterPool publishes it.
@@ -148,6 +160,13 @@ class DeviceLoraPool:
             self.a.append(a)
             self.b.append(b)
             self.b_block.append(b_block)
+        self.dora_scale: list[dict[str, torch.Tensor]] = [
+            {g: torch.ones(num_slots, sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]),
+                           dtype=torch.float32, device=device)
+             for g, (lo, n) in LORA_GROUPS.items()}
+            for _ in range(cfg.num_layers)]
+        self.is_dora = [False] * num_slots
+        self.base_weights: Callable[[int, str], torch.Tensor] | None = None
         self.page_table = torch.zeros(num_slots, max_rank, dtype=torch.int32, device=device)
         self.ranks = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.int32, device=device)
         self.scales = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.float32, device=device)
@@ -183,6 +202,7 @@ class DeviceLoraPool:
         `write` to them overwrites what is left)."""
         self.pages.free(self._slot_pages.pop(slot))
         self.cpu_views.pop(slot, None)
+        self.is_dora[slot] = False
         self._free_slots.append(slot)
 
     def load(self, adapter: LoraAdapter) -> int:
@@ -215,12 +235,16 @@ class DeviceLoraPool:
 
         ranks = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.int32)
         scales = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.float32)
+        if adapter.use_dora and self.base_weights is None:
+            raise RuntimeError("a DoRA adapter needs the base weights: attach the pool to a model runner first")
+        self.is_dora[slot] = False  # no step reads the slot while it is written
         ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
         with ctx:
             for layer in range(self.cfg.num_layers):
                 for group, (lo, n) in LORA_GROUPS.items():
                     a_pages, b_pool = self.a_pages[layer][group], self.b[layer][group]
                     b_block = self.b_block[layer].get(group)
+                    dora_row = torch.ones(b_pool.shape[1], dtype=torch.float32, device=dev)
                     col = 0
                     for s, m in enumerate(LORA_MODULES[lo : lo + n]):
                         out_f = self.cfg.module_shape(m)[0]
@@ -234,12 +258,15 @@ class DeviceLoraPool:
                                 put(b_block, 0, k, (s, cols), w.b.T * w.scale)
                             ranks[layer, lo + s] = k
                             scales[layer, lo + s] = w.scale
+                            if w.magnitude is not None:
+                                dora_row[cols] = w.dora_scale(self.base_weights(layer, group)[cols])
                         if k < r:  # rows past this module's rank: zero
                             put(a_pages, k, r, (s,), 0.0)
                             put(b_pool, k, r, (cols,), 0.0)
                             if b_block is not None:
                                 put(b_block, k, r, (s, cols), 0.0)
                         col += out_f
+                    self.dora_scale[layer][group][slot].copy_(dora_row)
             row = torch.zeros(self.max_rank, dtype=torch.int32)
             row[:r] = torch.tensor(pages, dtype=torch.int32)
             self.page_table[slot].copy_(row, non_blocking=stream is not None)
@@ -249,6 +276,7 @@ class DeviceLoraPool:
             stream.synchronize()
         if self.cpu_path:
             self.cpu_views[slot] = self._cpu_views(pages)
+        self.is_dora[slot] = adapter.use_dora
 
     def _cpu_views(self, pages: list[int]):
         r = len(pages)
@@ -370,7 +398,8 @@ class FolderLoader:
             if key == "__metadata__":
                 continue
             parts = key.split(".")
-            layer, module, ab = int(parts[4]), parts[6], parts[7][-1]
+            layer, module = int(parts[4]), parts[6]
+            ab = "M" if parts[7] == "lora_magnitude_vector" else parts[7][-1]
             lo, hi = info["data_offsets"]
             dtype = _ST_DTYPES[info["dtype"]]
             start = base + lo
@@ -383,7 +412,7 @@ class FolderLoader:
             a, b = found[k]["A"], found[k]["B"]
             if a.shape[0] != self.ranks[k] or b.shape[1] != self.ranks[k]:
                 raise AdapterUnavailable(f"adapter {self.meta['name']!r}: {k} has a different rank on disk")
-            modules[k] = ModuleLora(a=a, b=b, scale=scale)
+            modules[k] = ModuleLora(a=a, b=b, scale=scale, magnitude=found[k].get("M"))
         return LoraAdapter(modules=modules, **self.meta)
 
 
@@ -445,7 +474,9 @@ def _pinned_copy(adapter: LoraAdapter) -> LoraAdapter:
     import dataclasses
 
     return dataclasses.replace(adapter, modules={
-        k: ModuleLora(m.a.pin_memory(), m.b.pin_memory(), m.scale) for k, m in adapter.modules.items()})
+        k: ModuleLora(m.a.pin_memory(), m.b.pin_memory(), m.scale,
+                      None if m.magnitude is None else m.magnitude.pin_memory())
+        for k, m in adapter.modules.items()})
 
 
 # ---------------------------------------------------------------------------

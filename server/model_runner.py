@@ -52,6 +52,8 @@ class ModelRunner:
         self.kv = kv_cache
         self.pool = lora_pool
         model.lora_pool = lora_pool
+        if lora_pool is not None:  # DoRA's row scales are computed from the base weights
+            lora_pool.base_weights = model.base_weight
         self.device = model.device
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -109,8 +111,9 @@ class ModelRunner:
             seg = segments_from_runs(
                 [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs], t, self.device
             )
-            lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales,
-                             tuple(seg.with_adapter()))
+            active = tuple(seg.with_adapter())
+            lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales, active,
+                             dora=any(self.pool.is_dora[slot] for _, _, slot in active))
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

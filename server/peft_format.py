@@ -14,6 +14,8 @@ How PEFT names things (peft 0.21, a Llama-family `*ForCausalLM` base):
     tensor key   base_model.model.<module name>.lora_A.weight   [r, in_features]
                  base_model.model.<module name>.lora_B.weight   [out_features, r]
                  (older files: lora_A.<adapter name>.weight)
+                 base_model.model.<module name>.lora_magnitude_vector  [out_features]
+                 (DoRA's m; older files: lora_magnitude_vector[.<adapter name>].weight)
 
     target_modules  list: an entry matches a module whose name equals it or
                     ends with "." + entry; str: re.fullmatch against the module
@@ -22,6 +24,12 @@ How PEFT names things (peft 0.21, a Llama-family `*ForCausalLM` base):
     alpha_pattern   re.match(rf"(.*\\.)?({key})$", module name) gives the
                     module's r / lora_alpha; else r / lora_alpha.
     scale           lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    use_dora        DoRA (peft/tuners/lora/dora.py): every targeted module also
+                    has a magnitude m [out_features], and its output is
+                    (m / ||W0 + scale·B·A||_row) ⊙ (W0 x + scale·B·A x), the norm
+                    taken over the input dimension, per output row, detached.
+                    The serving pool computes that row scale once at load
+                    (server/adapter_pool.py), since it needs the base weights.
 """
 from __future__ import annotations
 
@@ -45,7 +53,8 @@ _PARENT = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else
 _KEY_PREFIX = "base_model.model."
 _KEY_RE = re.compile(
     r"base_model\.model\.model\.layers\.(?P<layer>0|[1-9][0-9]*)\.(?P<parent>self_attn|mlp)\."
-    r"(?P<module>[A-Za-z0-9_]+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"(?P<module>[A-Za-z0-9_]+)\.(?:lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"|(?P<mag>lora_magnitude_vector)(?:\.(?P<mag_adapter>[^.]+))?(?:\.weight)?)"
 )
 # PEFT's default target_modules for our architectures when the config has none.
 _DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -93,10 +102,21 @@ class ModuleLora:
     a: torch.Tensor  # [r, in_features] float32
     b: torch.Tensor  # [out_features, r] float32
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module r, alpha)
+    magnitude: torch.Tensor | None = None  # [out_features] float32: DoRA's m; None for plain LoRA
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """scale · B·A: [out_features, in_features] float32."""
+        return self.scale * (self.b @ self.a)
+
+    def dora_scale(self, w0: torch.Tensor) -> torch.Tensor:
+        """m / ||W0 + scale·B·A||_row: [out_features] float32, as PEFT's DoRA
+        forward defines it (norm over the input dimension); w0: [out, in]."""
+        norm = torch.linalg.norm(w0.float() + self.delta().to(w0.device), dim=1)
+        return self.magnitude.to(w0.device) / norm
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,10 @@ class LoraAdapter:
     config: dict
     digest: str
     nbytes: int
+
+    @property
+    def use_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
 
 
 # ----------------------------------------------------------------------------
@@ -255,6 +279,9 @@ def _module_name(layer: int, module: str) -> str:
 
 
 def _lora_key(layer: int, module: str, ab: str) -> str:
+    """ab: "A", "B", or "M" (DoRA's magnitude, keyed as peft 0.21 saves it)."""
+    if ab == "M":
+        return f"{_KEY_PREFIX}{_module_name(layer, module)}.lora_magnitude_vector"
     return f"{_KEY_PREFIX}{_module_name(layer, module)}.lora_{ab}.weight"
 
 
@@ -404,8 +431,8 @@ def _plan(config: dict, model: ModelConfig, max_rank: int) -> dict[tuple[int, st
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(f"peft_type: {peft_type!r} is not supported; only LORA adapters are", "peft_type")
-    if config.get("use_dora"):
-        raise AdapterError("use_dora: DoRA adapters are not supported yet", "use_dora")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise AdapterError(f"use_dora: must be true or false, not {config['use_dora']!r}", "use_dora")
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterError(f"bias: {bias!r} is not supported; only \"none\" is", "bias")
@@ -462,13 +489,13 @@ def _check_not_pickle(data: bytes) -> None:
 
 
 def _collect(tensors: dict[str, torch.Tensor], model: ModelConfig) -> dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]]:
-    """Tensor key -> {(layer, module): {"A"|"B": (key, tensor)}}; refuses keys we do not serve."""
+    """Tensor key -> {(layer, module): {"A"|"B"|"M": (key, tensor)}}; refuses keys we do not serve."""
     found: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         m = _KEY_RE.fullmatch(key)
         if m is None:
-            raise AdapterError(f"{key}: unexpected tensor; only lora_A/lora_B weights of "
-                               f"{', '.join(LORA_MODULES)} are supported", key)
+            raise AdapterError(f"{key}: unexpected tensor; only lora_A/lora_B weights (and DoRA's "
+                               f"lora_magnitude_vector) of {', '.join(LORA_MODULES)} are supported", key)
         module, layer = m["module"], int(m["layer"])
         if module not in LORA_MODULES or _PARENT[module] != m["parent"]:
             raise AdapterError(f"{key}: {m['parent']}.{module} is not a supported LoRA module "
@@ -477,13 +504,15 @@ def _collect(tensors: dict[str, torch.Tensor], model: ModelConfig) -> dict[tuple
             raise AdapterError(f"{key}: layer index {layer} is out of range; the base model has "
                                f"{model.num_layers} layers", key)
         slot = found.setdefault((layer, module), {})
-        if m["ab"] in slot:
-            raise AdapterError(f"{key}: lora_{m['ab']} of {_module_name(layer, module)} is given twice "
-                               f"(also as {slot[m['ab']][0]})", key)
+        ab = "M" if m["mag"] else m["ab"]
+        what = "lora_magnitude_vector" if ab == "M" else f"lora_{ab}"
+        if ab in slot:
+            raise AdapterError(f"{key}: {what} of {_module_name(layer, module)} is given twice "
+                               f"(also as {slot[ab][0]})", key)
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise AdapterError(f"{key}: dtype {_ST_NAMES[t.dtype]} is not supported; use one of "
                                f"{', '.join(_FLOAT_DTYPES)}", key)
-        slot[m["ab"]] = (key, t)
+        slot[ab] = (key, t)
     return found
 
 
@@ -495,6 +524,7 @@ def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes, model: ModelCo
     _check_not_pickle(weights_bytes)
     found = _collect(read_safetensors(weights_bytes), model)
 
+    use_dora = bool(config.get("use_dora", False))
     for (layer, module) in found:
         if (layer, module) not in plan:
             ab = min(found[(layer, module)])
@@ -528,10 +558,26 @@ def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes, model: ModelCo
             raise AdapterError(f"{expect.r_field}: {_module_name(layer, module)} has rank {a.shape[0]} in the "
                                f"weights but the config says {expect.r}", expect.r_field)
         a, b = a.float(), b.float()
-        for key, t in ((a_key, a), (b_key, b)):
+        checked = [(a_key, a), (b_key, b)]
+        magnitude = None
+        if "M" in pair and not use_dora:
+            raise AdapterError(f"{pair['M'][0]}: a DoRA magnitude vector, but the config does not set "
+                               "use_dora", pair["M"][0])
+        if use_dora:
+            if "M" not in pair:
+                key = _lora_key(layer, module, "M")
+                raise AdapterError(f"{key}: missing; use_dora needs a magnitude vector for every targeted "
+                                   f"module", key)
+            m_key, magnitude = pair["M"]
+            if tuple(magnitude.shape) != (out_f,):
+                raise AdapterError(f"{m_key}: shape {list(magnitude.shape)} does not fit the base model; "
+                                   f"expected [{out_f}]", m_key)
+            magnitude = magnitude.float()
+            checked.append((m_key, magnitude))
+        for key, t in checked:
             if not torch.isfinite(t).all():
                 raise AdapterError(f"{key}: contains NaN or infinite values", key)
-        modules[(layer, module)] = ModuleLora(a=a, b=b, scale=expect.scale)
+        modules[(layer, module)] = ModuleLora(a=a, b=b, scale=expect.scale, magnitude=magnitude)
 
     return _adapter(name, config, modules, weights_bytes)
 
@@ -549,8 +595,14 @@ def _adapter(name: str, config: dict, modules: dict[tuple[int, str], ModuleLora]
         modules=dict(sorted(modules.items(), key=lambda kv: (kv[0][0], LORA_MODULES.index(kv[0][1])))),
         config=config,
         digest=digest.hexdigest(),
-        nbytes=4 * sum(ml.a.numel() + ml.b.numel() for ml in modules.values()),
+        nbytes=module_bytes(modules),
     )
+
+
+def module_bytes(modules: dict[tuple[int, str], ModuleLora]) -> int:
+    """LoraAdapter.nbytes of these modules: their parameters at float32."""
+    return 4 * sum(ml.a.numel() + ml.b.numel() + (0 if ml.magnitude is None else ml.magnitude.numel())
+                   for ml in modules.values())
 
 
 def _canonical(config: dict) -> bytes:
@@ -625,22 +677,32 @@ def _config_for(adapter: LoraAdapter) -> dict:
     return config
 
 
-def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
-    """Write adapter_config.json + adapter_model.safetensors (float32) that peft loads as is.
+def peft_files(adapter: LoraAdapter) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) bytes that peft loads as is (float32 weights).
 
     The adapter's own config is kept when it reproduces every module's rank and
     scale; otherwise (e.g. a merged adapter) the config lists each module by
     full name with per-module rank_pattern / alpha_pattern entries.
     """
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     config = _config_for(adapter)
+    config["use_dora"] = adapter.use_dora
     tensors: dict[str, torch.Tensor] = {}
     for (layer, module), ml in adapter.modules.items():
-        tensors[_lora_key(layer, module, "A")] = ml.a.float()
-        tensors[_lora_key(layer, module, "B")] = ml.b.float()
-    _write_atomic(folder / WEIGHTS_NAME, _write_safetensors(tensors, {"format": "pt"}))
-    _write_atomic(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+        tensors[_lora_key(layer, module, "A")] = ml.a.float().contiguous()
+        tensors[_lora_key(layer, module, "B")] = ml.b.float().contiguous()
+        if ml.magnitude is not None:
+            tensors[_lora_key(layer, module, "M")] = ml.magnitude.float().contiguous()
+    weights = _write_safetensors(tensors, {"format": "pt"})
+    return json.dumps(config, indent=2, sort_keys=True).encode(), weights
+
+
+def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (see `peft_files`)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_bytes, weights_bytes = peft_files(adapter)
+    _write_atomic(folder / WEIGHTS_NAME, weights_bytes)
+    _write_atomic(folder / CONFIG_NAME, config_bytes)
 
 
 def _write_atomic(target: Path, data: bytes) -> None:

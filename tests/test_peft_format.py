@@ -306,7 +306,9 @@ def test_good_fixture_loads(model_cfg, good):
 
 
 CONFIG_REJECTIONS = {
-    "dora": ({"use_dora": True}, "use_dora", "DoRA adapters are not supported yet"),
+    "dora_not_bool": ({"use_dora": "yes"}, "use_dora", None),
+    "dora_without_magnitudes": ({"use_dora": True}, "base_model.model.model.layers.0.self_attn.q_proj."
+                                "lora_magnitude_vector", "magnitude"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, "modules_to_save", None),
     "bias_all": ({"bias": "all"}, "bias", None),
     "bias_lora_only": ({"bias": "lora_only"}, "bias", None),
@@ -515,3 +517,48 @@ def test_every_other_module_of_the_model_is_refused_as_a_target(model_cfg, good)
             parse_peft_adapter(json.dumps({**config, "target_modules": f"{re.escape(name)}|.*[qv]_proj"}).encode(),
                                st_save(tensors), model_cfg, MAX_RANK, "x")
         assert e.value.field == "target_modules", name
+
+
+# -- DoRA (use_dora): accepted with one magnitude vector per targeted module --
+
+def mag_key(layer: int, module: str) -> str:
+    return key(layer, module, "A").removesuffix(".lora_A.weight") + ".lora_magnitude_vector"
+
+
+def test_dora_adapter_is_accepted_and_round_trips_through_peft(tmp_path, model_cfg):
+    model = make_peft(tmp_path / "in", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    adapter = load_peft_adapter(tmp_path / "in", model_cfg, MAX_RANK)
+    assert adapter.use_dora
+    assert_matches_peft(adapter, model)
+    for (layer, module), ml in adapter.modules.items():
+        want = model.base_model.model.model.layers[layer]
+        want = getattr(want.self_attn, module).lora_magnitude_vector["default"].weight
+        torch.testing.assert_close(ml.magnitude, want.detach(), atol=0, rtol=0)
+    save_peft_adapter(adapter, tmp_path / "out")
+    back = load_peft_adapter(tmp_path / "out", model_cfg, MAX_RANK)
+    assert back.use_dora and json.loads((tmp_path / "out" / "adapter_config.json").read_text())["use_dora"]
+    reloaded = PeftModel.from_pretrained(base_model(), tmp_path / "out").eval()
+    for (layer, module), ml in back.modules.items():
+        got = getattr(reloaded.base_model.model.model.layers[layer].self_attn, module)
+        torch.testing.assert_close(got.lora_magnitude_vector["default"].weight.detach(), ml.magnitude)
+
+
+def test_magnitude_without_use_dora(model_cfg, good):
+    config, tensors = good
+    bad = mag_key(0, "q_proj")
+    rejected(model_cfg, config, {**tensors, bad: torch.ones(64)}, bad)
+
+
+@pytest.mark.parametrize("shape", [(32,), (64, 1), (65,)])
+def test_magnitude_of_the_wrong_shape(model_cfg, good, shape):
+    config, tensors = good
+    mags = {mag_key(i, m): torch.ones(model_cfg.module_shape(m)[0]) for i in range(2) for m in ("q_proj", "v_proj")}
+    mags[mag_key(1, "q_proj")] = torch.ones(shape)
+    rejected(model_cfg, {**config, "use_dora": True}, {**tensors, **mags}, mag_key(1, "q_proj"))
+
+
+def test_non_finite_magnitude(model_cfg, good):
+    config, tensors = good
+    mags = {mag_key(i, m): torch.ones(model_cfg.module_shape(m)[0]) for i in range(2) for m in ("q_proj", "v_proj")}
+    mags[mag_key(0, "v_proj")][3] = float("nan")
+    rejected(model_cfg, {**config, "use_dora": True}, {**tensors, **mags}, mag_key(0, "v_proj"))

@@ -57,6 +57,7 @@ class LoraBatch:
     ranks: torch.Tensor  # [L, 7, slots] int32
     scales: torch.Tensor  # [L, 7, slots] float32
     active: tuple[tuple[int, int, int], ...] = ()  # (start, length, slot) of segments with an adapter
+    dora: bool = False  # some active slot holds a DoRA adapter: apply the pool's row scales
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,15 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
+    def base_weight(self, layer_idx: int, group: str) -> torch.Tensor:
+        """The fused base weight [out_total, in] of a LoRA group (slices at slice_offsets[group])."""
+        return self.layers[layer_idx][group]
+
     def _linear(self, x, layer_idx: int, group: str, lora: LoraBatch | None, bias=None):
-        # x: [T, in] -> [T, out_total]: base GEMM, then each token's adapter delta.
-        out = F.linear(x, self.layers[layer_idx][group], bias)
+        # x: [T, in] -> [T, out_total]: base GEMM, then each token's adapter delta
+        # (and DoRA's row scale, which scales W0 x too but not the bias: y = b + d ⊙ (W0 x + ΔW x)).
+        late_bias = lora is not None and lora.dora and bias is not None
+        out = F.linear(x, self.layers[layer_idx][group], None if late_bias else bias)
         if lora is None:
             return out
         lo, n = LORA_GROUPS[group]
@@ -158,14 +165,20 @@ class LlamaModel:
         if not use_triton(x):
             views = pool.cpu_views
             work = [(start, start + length, *views[slot][layer_idx][group]) for start, length, slot in lora.active]
-            cpu.apply_lora(x, out, work)
+            dora = () if not lora.dora else [
+                (start, start + length, pool.dora_scale[layer_idx][group][slot])
+                for start, length, slot in lora.active if pool.is_dora[slot]]
+            cpu.apply_lora(x, out, work, dora)
         else:
             ranks = lora.ranks[layer_idx, lo : lo + n]
             h = lora_shrink(x, pool.a[layer_idx][group], lora.page_table, ranks, lora.seg)
             lora_expand(
                 h, pool.b[layer_idx][group], lora.page_table, ranks,
                 lora.scales[layer_idx, lo : lo + n], lora.seg, out, self.slice_offsets[group],
+                pool.dora_scale[layer_idx][group] if lora.dora else None,
             )
+        if late_bias:
+            out += bias
         return out
 
     def _attention(self, q, k, v, layer_idx: int, kv_cache, attn: AttentionMetadata):
