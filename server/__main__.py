@@ -1,4 +1,5 @@
-"""Command line: `loramux serve ...`, `loramux generate ...`, `loramux bench ...` (and `python -m server ...`)."""
+"""Command line: `loramux serve ...`, `loramux generate ...`, `loramux export-merged ...`, `loramux bench ...`
+(and `python -m server ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,19 @@ def _generate(args) -> int:
         else:
             out = llm.generate([args.prompt], sampling, [name])[0]
         print(f"[{name or 'base'}] {out.text}")
+    return 0
+
+
+def _export_merged(args) -> int:
+    from server.adapter_math import export_merged
+    from server.peft_format import AdapterError
+
+    try:
+        out = export_merged(args.model, args.adapter, args.out)
+    except (AdapterError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
     return 0
 
 
@@ -194,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+
+    exp = sub.add_parser("export-merged", help="write an HF checkpoint with a PEFT adapter (DoRA included) "
+                                               "merged into the base weights, as PEFT's merge_and_unload does")
+    exp.add_argument("--model", default="default", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    exp.add_argument("--adapter", required=True, metavar="PATH", help="a PEFT adapter folder")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder (must not exist)")
+    exp.set_defaults(func=_export_merged)
 
     sub.add_parser("bench", add_help=False,
                    help="load-test an OpenAI-compatible server (bench/load_test.py; `loramux bench --help`)")

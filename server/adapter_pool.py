@@ -550,6 +550,7 @@ class AdapterPool:
         self.host = HostCache(host_bytes)
         self._lock = threading.Condition()
         self._names: dict[str, str] = {}  # name -> digest
+        self._mixes: dict[str, str] = {}  # per-request mixes: name -> digest, gone with their last ref
         self._sources: dict[str, AdapterSource] = {}  # digest -> source (the disk tier)
         self._refs: dict[str, int] = {}  # digest -> unfinished requests holding it
         self._slots: dict[str, int] = {}  # digest -> device slot, published or being copied
@@ -604,7 +605,33 @@ class AdapterPool:
 
     def resolve(self, name: str) -> str | None:
         with self._lock:
-            return self._names.get(name)
+            return self._names.get(name) or self._mixes.get(name)
+
+    # -- per-request mixes (transient adapters, server/adapter_math.py) -------
+
+    def hold_mix(self, digest: str) -> str | None:
+        """Take a reference on the mix `digest` if it is registered; its name, else None."""
+        with self._lock:
+            if digest not in self._mixes.values():
+                return None
+            self._refs[digest] = self._refs.get(digest, 0) + 1
+            return self._sources[digest].name
+
+    def add_mix(self, adapter: LoraAdapter) -> str:
+        """Register a mix held in memory, under its own name, with one reference
+        taken (give it back with release(adapter.digest)); the mix is dropped
+        when its last reference goes. Returns its name."""
+        name = self.hold_mix(adapter.digest)
+        if name is not None:
+            return name
+        self.check_fits(adapter.rank)
+        with self._lock:
+            if adapter.name in self._names or adapter.digest in self._sources:
+                raise KeyError(f"adapter {adapter.name!r} is already registered")
+            self._mixes[adapter.name] = adapter.digest
+            self._sources[adapter.digest] = AdapterSource.in_memory(adapter)
+            self._refs[adapter.digest] = 1
+            return adapter.name
 
     def source(self, name: str) -> AdapterSource | None:
         with self._lock:
@@ -617,7 +644,7 @@ class AdapterPool:
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
-            return name in self._names
+            return name in self._names or name in self._mixes
 
     def acquire(self, digest: str) -> None:
         with self._lock:
@@ -639,6 +666,8 @@ class AdapterPool:
     def _drop_if_unused(self, digest: str) -> bool:
         if digest in self._refs or digest in self._names.values():
             return False
+        if self._mixes.get(self._sources[digest].name) == digest:
+            del self._mixes[self._sources[digest].name]
         del self._sources[digest]
         self.host.pop(digest)
         self._prefetched.discard(digest)

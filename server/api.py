@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import io
 import json
 import logging
+import tarfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,17 +32,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from server.adapter_pool import AdapterSource
+from server import adapter_math
+from server.adapter_pool import AdapterSource, FolderLoader
 from server.adapter_store import AdapterStore, check_name
 from server.engine import AsyncEngine, RequestError, RequestOutput
 from server.metrics import Metrics, RequestTimer
 from server.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, AdapterError, LoraAdapter, \
-    load_peft_adapter, parse_peft_adapter
+    load_peft_adapter, parse_peft_adapter, peft_files
 from server.protocol import (
     AdapterInfo, AdapterList, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
     ChatCompletionRequest, ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DeltaMessage, ErrorInfo, ErrorResponse, LoadLoraAdapterRequest,
-    ModelCard, ModelList, TokenLogprob, TopLogprob, UnloadLoraAdapterRequest, Usage,
+    MergeRequest, MergeResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, UnloadLoraAdapterRequest, Usage,
 )
 from server.sampling import SamplingParams
 from server.scheduler import QueueFull
@@ -223,6 +226,23 @@ async def _collect(request: Request, fan: _Fanout) -> dict[int, list[RequestOutp
         fan.cancel()
 
 
+def _adapter_tar(name: str, source: AdapterSource) -> bytes:
+    """The adapter's PEFT files as a tar: <name>/adapter_config.json, <name>/adapter_model.safetensors."""
+    if isinstance(source.load, FolderLoader):  # the files as registered
+        folder = source.load.folder
+        files = {CONFIG_NAME: (folder / CONFIG_NAME).read_bytes(), WEIGHTS_NAME: (folder / WEIGHTS_NAME).read_bytes()}
+    else:  # held in memory (its files were deleted while requests used it)
+        config_bytes, weights_bytes = peft_files(source.load())
+        files = {CONFIG_NAME: config_bytes, WEIGHTS_NAME: weights_bytes}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for fname, data in files.items():
+            entry = tarfile.TarInfo(f"{name}/{fname}")
+            entry.size, entry.mtime, entry.mode = len(data), int(time.time()), 0o644
+            tar.addfile(entry, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def _sse(obj) -> str:
     payload = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {payload}\n\n"
@@ -319,6 +339,58 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(429, "the server is busy: too many requests waiting", code="queue_full")
         return jobs
 
+    # -- adapter arithmetic: per-request mixes ---------------------------------
+
+    async def load_sources(names: list[str], param: str) -> list[LoraAdapter]:
+        """The weights of registered adapters (read off the engine thread)."""
+        for i, n in enumerate(names):
+            if n not in state.adapters:
+                raise ApiError(404, f"adapter `{n}` does not exist", f"{param}.{i}", "adapter_not_found")
+        sources = await engine.call(lambda e: [e.adapters.source(n) for n in names])
+        for i, (n, s) in enumerate(zip(names, sources)):
+            if s is None:  # deleted meanwhile
+                raise ApiError(404, f"adapter `{n}` does not exist", f"{param}.{i}", "adapter_not_found")
+        return [await asyncio.to_thread(s.load) for s in sources]
+
+    async def hold_mix(body, adapter: str | None) -> tuple[str, str] | None:
+        """(name, digest) of the request's mix of adapters (`adapters`), registered
+        in the pool and referenced until release_mix; None without `adapters`."""
+        if not body.adapters:
+            return None
+        if adapter is not None:
+            raise ApiError(400, "with `adapters`, `model` must name the base model", "adapters")
+        names = [a.name for a in body.adapters]
+        weights = [a.weight for a in body.adapters]
+        for i, n in enumerate(names):
+            if n not in state.adapters:
+                raise ApiError(404, f"adapter `{n}` does not exist", f"adapters.{i}.name", "model_not_found")
+        digests = await engine.call(lambda e: [e.adapters.resolve(n) for n in names])
+        if all(d is not None for d in digests):
+            key = adapter_math.mix_digest(list(zip(digests, weights)))
+            name = await engine.call(lambda e: e.adapters.hold_mix(key))
+            if name is not None:
+                return name, key
+        loaded = await load_sources(names, "adapters")
+        sources = [adapter_math.Source(a, w) for a, w in zip(loaded, weights)]
+        key = adapter_math.mix_digest([(a.digest, w) for a, w in zip(loaded, weights)])
+        try:
+            mixed = await asyncio.to_thread(adapter_math.concat, f"mix:{key[:16]}", sources, key)
+        except adapter_math.MergeError as exc:
+            raise ApiError(exc.status, str(exc), exc.param and exc.param.replace("sources", "adapters"),
+                           "invalid_mix") from None
+        if mixed.rank > max_rank:
+            raise ApiError(400, f"the mix has rank {mixed.rank} (the sum of its adapters' ranks), above this "
+                                f"server's max_lora_rank {max_rank}", "adapters", "invalid_mix")
+        try:
+            name = await engine.call(lambda e: e.adapters.add_mix(mixed))
+        except (KeyError, ValueError) as exc:
+            raise ApiError(400, str(exc).strip("'\""), "adapters", "invalid_mix") from None
+        return name, key
+
+    async def release_mix(mix: tuple[str, str] | None) -> None:
+        if mix is not None:
+            await engine.call(lambda e: e.adapters.release(mix[1]))
+
     def token_text(token: int) -> str:
         return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
@@ -348,9 +420,22 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = body.prompts()
         if len(prompts) > MAX_PROMPTS:
             raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
-        jobs = plan(body, [encode(p) for p in prompts], body.max_tokens, body.logprobs, adapter)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        fan = _Fanout(state, jobs, adapter)
+        ids = [encode(p) for p in prompts]
+        mix = await hold_mix(body, adapter)
+        streaming = False
+        try:
+            if mix is not None:
+                adapter = mix[0]
+            jobs = plan(body, ids, body.max_tokens, body.logprobs, adapter)
+            rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+            fan = _Fanout(state, jobs, adapter)
+            streaming = body.stream
+            return await completion_response(body, request, jobs, rid, created, fan, mix)
+        finally:
+            if not streaming:
+                await release_mix(mix)
+
+    async def completion_response(body, request, jobs, rid, created, fan, mix):
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -375,6 +460,7 @@ def create_app(state: ServerState) -> FastAPI:
                         exc.status, "error"), param=exc.param, code=exc.code)))
                 finally:
                     fan.cancel()
+                    await release_mix(mix)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -418,9 +504,22 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         adapter = resolve_model(body.model)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = plan(body, [encode_chat(body)], body.token_limit(), logprobs, adapter)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        fan = _Fanout(state, jobs, adapter)
+        ids = encode_chat(body)
+        mix = await hold_mix(body, adapter)
+        streaming = False
+        try:
+            if mix is not None:
+                adapter = mix[0]
+            jobs = plan(body, [ids], body.token_limit(), logprobs, adapter)
+            rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            fan = _Fanout(state, jobs, adapter)
+            streaming = body.stream
+            return await chat_response(body, request, jobs, rid, created, fan, mix, logprobs)
+        finally:
+            if not streaming:
+                await release_mix(mix)
+
+    async def chat_response(body, request, jobs, rid, created, fan, mix, logprobs):
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -450,6 +549,7 @@ def create_app(state: ServerState) -> FastAPI:
                         exc.status, "error"), param=exc.param, code=exc.code)))
                 finally:
                     fan.cancel()
+                    await release_mix(mix)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -594,6 +694,55 @@ def create_app(state: ServerState) -> FastAPI:
         async with state.adapter_lock:
             await unregister(name)
         return {"id": name, "object": "adapter", "deleted": True}
+
+    @app.post("/v1/adapters/merge", status_code=201, response_model=MergeResponse,
+              responses={k: {"model": ErrorResponse} for k in (400, 404, 409, 422)})
+    async def merge_adapters(body: MergeRequest):
+        """Store Σ weight_i · ΔW_i of registered adapters as a new adapter (server/adapter_math.py)."""
+        if body.rank is not None and body.rank > max_rank:
+            raise ApiError(400, f"rank {body.rank} is above this server's max_lora_rank {max_rank}", "rank",
+                           "invalid_value")
+        async with state.adapter_lock:
+            check_new_name(body.name)
+            loaded = await load_sources([s.adapter for s in body.sources], "sources")
+            sources = [adapter_math.Source(a, s.weight) for a, s in zip(loaded, body.sources)]
+            errors = None
+            try:
+                if body.method == "concat":
+                    merged = await asyncio.to_thread(adapter_math.concat, body.name, sources)
+                else:
+                    merged, errors = await asyncio.to_thread(adapter_math.svd, body.name, sources, body.rank)
+            except adapter_math.MergeError as exc:
+                raise ApiError(exc.status, str(exc), exc.param, "invalid_merge") from None
+            if merged.rank > max_rank:
+                raise ApiError(400, f"the merged adapter has rank {merged.rank} (concat: the sum of the sources' "
+                                    f"ranks), above this server's max_lora_rank {max_rank}; use method svd",
+                               "rank", "invalid_value")
+            adapter, config_bytes, weights_bytes = await asyncio.to_thread(
+                adapter_math.as_peft, merged, model_cfg, max_rank)
+            check_fits(adapter)
+            meta = await asyncio.to_thread(state.store.save, body.name, config_bytes, weights_bytes)
+            info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
+            try:
+                source = AdapterSource.from_folder(state.store.path(body.name), adapter, model_cfg, max_rank)
+                await register(source, info)
+            except ApiError:
+                await asyncio.to_thread(state.store.delete, body.name)
+                raise
+        response = MergeResponse(**info.model_dump(), method=body.method, sources=body.sources, errors=errors)
+        return JSONResponse(response.model_dump(), status_code=201)
+
+    @app.get("/v1/adapters/{name}/download")
+    async def download_adapter(name: str):
+        """The adapter's PEFT files (adapter_config.json, adapter_model.safetensors) as a tar."""
+        if name not in state.adapters:
+            raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
+        source = await engine.call(lambda e: e.adapters.source(name))
+        if source is None:
+            raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
+        data = await asyncio.to_thread(_adapter_tar, name, source)
+        return Response(data, media_type="application/x-tar",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest):

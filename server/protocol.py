@@ -17,6 +17,7 @@ from server.sampling import MAX_STOP_STRINGS
 
 MAX_N = 8  # completions per request
 MAX_LOGPROBS = 20
+MAX_MIX = 16  # adapters in one per-request mix or merge
 
 
 # ---------------------------------------------------------------------------
@@ -42,6 +43,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class AdapterWeight(BaseModel):
+    """One adapter of a per-request mix (loramux extension)."""
+
+    name: str
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
 class _SamplingFields(BaseModel):
     """Fields completions and chat share (OpenAI's names and defaults)."""
 
@@ -65,6 +73,9 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # loramux extension: serve this request with Σ weight_i · ΔW_i of these
+    # adapters (ranks concatenated); `model` then names the base model
+    adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_MIX)
 
     @field_validator("stop")
     @classmethod
@@ -301,6 +312,36 @@ class AdapterInfo(BaseModel):
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+
+
+class MergeSource(BaseModel):
+    adapter: str
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
+class MergeRequest(BaseModel):
+    """POST /v1/adapters/merge: store Σ weight_i · ΔW_i as a new adapter.
+    concat: exact, rank Σ r_i; svd: truncated to `rank` per module."""
+
+    name: str
+    sources: list[MergeSource] = Field(min_length=1, max_length=MAX_MIX)
+    method: Literal["concat", "svd"] = "concat"
+    rank: int | None = None
+
+    @model_validator(mode="after")
+    def _rank(self):
+        if self.method == "svd" and self.rank is None:
+            raise ValueError("rank is required with method svd")
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError("rank must be a positive integer")
+        return self
+
+
+class MergeResponse(AdapterInfo):
+    method: Literal["concat", "svd"]
+    sources: list[MergeSource]
+    # svd: per module (PEFT module name), ||ΔW_merged - ΔW_exact||_F / ||ΔW_exact||_F
+    errors: dict[str, float] | None = None
 
 
 class LoadLoraAdapterRequest(BaseModel):
