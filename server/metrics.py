@@ -59,6 +59,8 @@ class Metrics:
                                      ["adapter"], registry=r)
         self.adapter_tokens = Counter(P + "adapter_generation_tokens", "Tokens generated per adapter",
                                       ["adapter"], registry=r)
+        self.adapter_success = Counter(P + "adapter_request_success", "Requests finished per adapter",
+                                       ["adapter", "finished_reason"], registry=r)
         # vLLM's LoRA info gauge, read by the Gateway API inference extension
         self.lora_info = Gauge(P + "lora_requests_info", "Running and waiting adapters (value: time)",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
@@ -129,12 +131,16 @@ class Metrics:
                 self.prompt_tokens.inc(out.num_prompt_tokens)
             self.generation_tokens.inc(n)
             self.adapter_tokens.labels(out.adapter or "").inc(n)
+            if out.finished:
+                self.adapter_success.labels(out.adapter or "", out.finish_reason).inc()
         self._observe_pool(engine)
 
     def _observe_pool(self, engine) -> None:
         pool = engine.adapters
         latencies = pool.take_load_seconds()
         for tier, usage in pool_tiers(pool).items():
+            if tier not in self._tier_seen:  # the series exists before the first load, for rate()
+                self.pool_load_latency.labels(tier)
             seen = self._tier_seen.get(tier, TierUsage({}))
             self.pool_loads.labels(tier).inc(usage.loads - seen.loads)
             self.pool_evictions.labels(tier).inc(usage.evictions - seen.evictions)
