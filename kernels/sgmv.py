@@ -241,7 +241,7 @@ def lora_expand(
 
     h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] updated in place;
     rows of tokens with no adapter, and columns of slices of rank 0, are not touched.
-    dora_scale: [slots, out_total] float32 or None; written columns are then
+    dora_scale: [>= slots, out_total] float32 or None; written columns are then
     multiplied by dora_scale[slot(t)] in the same pass (DoRA, kernels/reference.py).
     """
     n = h.shape[0]
@@ -259,7 +259,7 @@ def lora_expand(
     if tuple(scales.shape) != tuple(ranks.shape) or not (h.device == b_pool.device == out.device == scales.device):
         raise ValueError("scales must be shaped like ranks, and all tensors on one device")
     _check_tables(page_table, ranks, n, out.device)
-    if dora_scale is not None and (dora_scale.dim() != 2 or dora_scale.shape[0] != page_table.shape[0]
+    if dora_scale is not None and (dora_scale.dim() != 2 or dora_scale.shape[0] < page_table.shape[0]
                                    or dora_scale.shape[1] < offs[-1] or dora_scale.device != out.device):
         raise ValueError(f"dora_scale must be [{page_table.shape[0]}, >= {offs[-1]}] on the device of out, "
                          f"got {tuple(dora_scale.shape)}")

@@ -111,8 +111,10 @@ class DeviceLoraPool:
 
     DoRA: per slot, layer and group a row scale (float32, one per output column)
 
-        dora_scale[l][g]: [slots, out_total]   m / ||W0 + s·B·A||_row in the columns
-                                               of a DoRA module, 1.0 elsewhere
+        dora_scale[l][g]: [slots + 1, out_total]   m / ||W0 + s·B·A||_row in the columns
+                                                   of a DoRA module, 1.0 elsewhere; the
+                                                   last row (NO_DORA_ROW) is all 1.0, for
+                                                   tokens with no adapter
 
     computed once when the adapter is written (it needs the base weights:
     `base_weights(layer, group)` gives the model's fused [out_total, in]
@@ -161,7 +163,7 @@ class DeviceLoraPool:
             self.b.append(b)
             self.b_block.append(b_block)
         self.dora_scale: list[dict[str, torch.Tensor]] = [
-            {g: torch.ones(num_slots, sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]),
+            {g: torch.ones(num_slots + 1, sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]),
                            dtype=torch.float32, device=device)
              for g, (lo, n) in LORA_GROUPS.items()}
             for _ in range(cfg.num_layers)]

@@ -112,8 +112,15 @@ class ModelRunner:
                 [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs], t, self.device
             )
             active = tuple(seg.with_adapter())
+            dora_segs = [(s, n) for s, n, slot in active if self.pool.is_dora[slot]]
+            dora_rows = None
+            if dora_segs and self.pool.cpu_path:
+                lo, hi = dora_segs[0][0], sum(dora_segs[-1])
+                none = self.pool.num_slots  # the all-ones row
+                rows = [slot if slot != NO_ADAPTER else none for s, n, slot in runs for _ in range(n)][lo:hi]
+                dora_rows = (lo, hi, torch.tensor(rows, dtype=torch.long, device=self.device))
             lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales, active,
-                             dora=any(self.pool.is_dora[slot] for _, _, slot in active))
+                             dora=bool(dora_segs), dora_rows=dora_rows)
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

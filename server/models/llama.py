@@ -58,6 +58,11 @@ class LoraBatch:
     scales: torch.Tensor  # [L, 7, slots] float32
     active: tuple[tuple[int, int, int], ...] = ()  # (start, length, slot) of segments with an adapter
     dora: bool = False  # some active slot holds a DoRA adapter: apply the pool's row scales
+    # CPU path, with dora: (lo, hi, rows) - tokens lo..hi-1 span every DoRA
+    # segment, rows[t - lo] is the row of pool.dora_scale for token t (its
+    # slot, or the all-ones last row for a base token), so one gather and one
+    # multiply per layer and group apply every DoRA scale of the step.
+    dora_rows: tuple[int, int, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,9 +170,10 @@ class LlamaModel:
         if not use_triton(x):
             views = pool.cpu_views
             work = [(start, start + length, *views[slot][layer_idx][group]) for start, length, slot in lora.active]
-            dora = () if not lora.dora else [
-                (start, start + length, pool.dora_scale[layer_idx][group][slot])
-                for start, length, slot in lora.active if pool.is_dora[slot]]
+            dora = ()
+            if lora.dora_rows is not None:
+                lo_t, hi_t, rows = lora.dora_rows
+                dora = [(lo_t, hi_t, pool.dora_scale[layer_idx][group].index_select(0, rows))]
             cpu.apply_lora(x, out, work, dora)
         else:
             ranks = lora.ranks[layer_idx, lo : lo + n]
