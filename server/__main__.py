@@ -146,14 +146,9 @@ def _serve(args) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """bench/load_test.py, which lives beside server/ in the source tree."""
-    try:
-        from bench import load_test
-    except ImportError:
-        from pathlib import Path
+    """bench/load_test.py (the bench package is installed with server/)."""
+    from bench import load_test
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from bench import load_test
     return load_test.main(argv)
 
 
@@ -181,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="KV cache budget, e.g. 512M")
     srv.add_argument("--adapter-pool-bytes", type=_bytes, default=None, metavar="BYTES",
                      help="device adapter pool budget, e.g. 1G")
+    srv.add_argument("--adapter-host-bytes", type=_bytes, default=None, metavar="BYTES",
+                     help="host cache of adapter weights read from disk, e.g. 4G (pinned on CUDA; "
+                          "default: 0 on a CPU, whose device pool is host memory already, else 4G)")
     srv.add_argument("--max-num-seqs", type=int, default=None)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None)
     srv.add_argument("--max-waiting", type=int, default=None, help="waiting requests before 429")
@@ -196,9 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                      help="register a PEFT adapter folder (repeatable)")
-    srv.add_argument("--adapter-host-bytes", type=_bytes, default=None, metavar="BYTES",
-                     help="host cache of adapter weights read from disk, e.g. 4G (pinned on CUDA; "
-                          "default: 0 on a CPU, whose device pool is host memory already, else 4G)")
     gen.add_argument("--use", default=None, help="adapter to generate with (default: base and every adapter)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
