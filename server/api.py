@@ -387,6 +387,21 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, str(exc).strip("'\""), "adapters", "invalid_mix") from None
         return name, key
 
+    async def sse_stream(events, fan, mix):
+        """The SSE envelope of completions and chat: the events, an error event if
+        the engine fails mid-stream, then [DONE]; the fan-out and any per-request
+        mix are released however the stream ends (the client may go away)."""
+        try:
+            async for event in events:
+                yield event
+        except ApiError as exc:
+            yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
+                exc.status, "error"), param=exc.param, code=exc.code)))
+        finally:
+            fan.cancel()
+            await release_mix(mix)
+        yield "data: [DONE]\n\n"
+
     async def release_mix(mix: tuple[str, str] | None) -> None:
         if mix is not None:
             await engine.call(lambda e: e.adapters.release(mix[1]))
@@ -442,28 +457,20 @@ def create_app(state: ServerState) -> FastAPI:
             async def events():
                 finals: dict[int, RequestOutput] = {}
                 offsets = [0] * len(jobs)
-                try:
-                    async for i, out in fan:
-                        if not out.text and not out.finished and body.logprobs is None:
-                            continue
-                        lp = completion_logprobs([out], offsets[i]) if body.logprobs is not None else None
-                        offsets[i] += len(out.text)
-                        if out.finished:
-                            finals[i] = out
-                        yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[
-                            CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason)]))
-                    if include_usage:
-                        yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[],
-                                                      usage=usage(jobs, finals)))
-                except ApiError as exc:
-                    yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
-                        exc.status, "error"), param=exc.param, code=exc.code)))
-                finally:
-                    fan.cancel()
-                    await release_mix(mix)
-                yield "data: [DONE]\n\n"
+                async for i, out in fan:
+                    if not out.text and not out.finished and body.logprobs is None:
+                        continue
+                    lp = completion_logprobs([out], offsets[i]) if body.logprobs is not None else None
+                    offsets[i] += len(out.text)
+                    if out.finished:
+                        finals[i] = out
+                    yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[
+                        CompletionChoice(index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason)]))
+                if include_usage:
+                    yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[],
+                                                  usage=usage(jobs, finals)))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(sse_stream(events(), fan, mix), media_type="text/event-stream")
 
         results = await _collect(request, fan)
         choices, finals = [], {}
@@ -529,30 +536,21 @@ def create_app(state: ServerState) -> FastAPI:
 
             async def events():
                 finals: dict[int, RequestOutput] = {}
-                try:
-                    for job in jobs:
-                        yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(role="assistant",
-                                                                                         content=""))])
-                    async for i, out in fan:
-                        if not out.text and not out.finished and logprobs is None:
-                            continue
-                        if out.finished:
-                            finals[i] = out
-                        yield chunk([ChatChunkChoice(
-                            index=i, delta=DeltaMessage(content=out.text or None),
-                            logprobs=chat_logprobs([out]) if logprobs is not None else None,
-                            finish_reason=out.finish_reason)])
-                    if include_usage:
-                        yield chunk([], usage(jobs, finals))
-                except ApiError as exc:
-                    yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
-                        exc.status, "error"), param=exc.param, code=exc.code)))
-                finally:
-                    fan.cancel()
-                    await release_mix(mix)
-                yield "data: [DONE]\n\n"
+                for job in jobs:
+                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(role="assistant", content=""))])
+                async for i, out in fan:
+                    if not out.text and not out.finished and logprobs is None:
+                        continue
+                    if out.finished:
+                        finals[i] = out
+                    yield chunk([ChatChunkChoice(
+                        index=i, delta=DeltaMessage(content=out.text or None),
+                        logprobs=chat_logprobs([out]) if logprobs is not None else None,
+                        finish_reason=out.finish_reason)])
+                if include_usage:
+                    yield chunk([], usage(jobs, finals))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(sse_stream(events(), fan, mix), media_type="text/event-stream")
 
         results = await _collect(request, fan)
         choices, finals = [], {}
