@@ -14,24 +14,8 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def make_dora_adapter(base_dir, out_dir, r=8, alpha=16, seed=0, target_modules=ALL, **options):
-    """A PEFT DoRA adapter with random A, B and magnitude vectors scaled
-    by 0.5..1.5 per row (PEFT starts m at the row norm, where it hides bugs)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM", use_dora=True, **options)
-    model = get_peft_model(base, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
-    model.save_pretrained(out_dir)
-    return out_dir
+    return make_adapter(base_dir, out_dir, r=r, alpha=alpha, seed=seed, target_modules=target_modules,
+                        use_dora=True, **options)
 
 
 # (name, DoRA?, options): DoRA on every module, DoRA on q,v with a rank

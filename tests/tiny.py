@@ -48,7 +48,9 @@ def make_adapter(base_dir: Path, out_dir: Path, r: int = 8, alpha: float = 16, s
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                  **lora_options):
     """Save a PEFT LoRA adapter for the model in base_dir, with lora_B
-    non-zero (PEFT initialises it to zero, which would hide every bug)."""
+    non-zero (PEFT initialises it to zero, which would hide every bug) and,
+    with use_dora=True, magnitude vectors scaled by 0.5..1.5 per row (PEFT
+    starts them at the row norm, where they would hide bugs too)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +63,8 @@ def make_adapter(base_dir: Path, out_dir: Path, r: int = 8, alpha: float = 16, s
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
     model.save_pretrained(out_dir)
     return out_dir
 
