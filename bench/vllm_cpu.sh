@@ -9,6 +9,7 @@
 #   bench/vllm_cpu.sh --check      # set up, start vLLM, send one request, stop
 #
 # Knobs (environment): NUM_ADAPTERS=8 RANK=16 POPULARITY=zipf RATES="1 2 4"
+# (open-loop Poisson rates) or CONCURRENCY="16" (closed loop, C clients, wins)
 # NUM_REQUESTS=64 PROMPT_LEN=64 OUTPUT_LEN=32 DURATION=120 DTYPE=float32
 # VLLM_VENV=~/.cache/loramux/vllm-cpu-venv OUT=bench/results/vllm_cpu
 # PORT_VLLM=8100 PORT_LORAMUX=8200 THREADS=0-1
@@ -22,6 +23,7 @@ NUM_ADAPTERS=${NUM_ADAPTERS:-8}
 RANK=${RANK:-16}
 POPULARITY=${POPULARITY:-zipf}
 RATES=${RATES:-1 2 4}
+CONCURRENCY=${CONCURRENCY:-}
 NUM_REQUESTS=${NUM_REQUESTS:-64}
 PROMPT_LEN=${PROMPT_LEN:-64}
 OUTPUT_LEN=${OUTPUT_LEN:-32}
@@ -111,9 +113,14 @@ start_loramux() {
 load_test() {  # label port [extra args]
     local label=$1 port=$2
     shift 2
-    # shellcheck disable=SC2086  # RATES is a list
+    local load
+    if [ -n "$CONCURRENCY" ]; then
+        read -r -a load <<<"--arrivals closed --concurrency $CONCURRENCY"
+    else
+        read -r -a load <<<"--rate $RATES"
+    fi
     $PY -m bench.load_test --url "http://127.0.0.1:$port" --model base --adapter-names "$(IFS=,; echo "${NAMES[*]}")" \
-        --popularity "$POPULARITY" --rate $RATES --num-requests "$NUM_REQUESTS" \
+        --popularity "$POPULARITY" "${load[@]}" --num-requests "$NUM_REQUESTS" \
         --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --duration "$DURATION" --warmup 4 \
         --label "$label" --out "$OUT/$label.json" "$@"
 }

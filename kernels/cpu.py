@@ -77,20 +77,41 @@ def apply_lora(x, out, work, dora=()) -> None:
     """
     if not work:
         return
+    if out.dtype != torch.float32 and not dora:
+        return _add_rounded_once(x, out, work)
     xf = x.float()
     if out.dtype == torch.float32:
         acc = out
-    elif dora:
-        acc = out.float()  # exact copy; rows without an adapter come back unchanged
     else:
-        acc = torch.zeros(out.shape, dtype=torch.float32)
+        acc = out.float()  # exact copy; rows without an adapter come back unchanged
     for start, end, a_t, b_block in work:
         acc[start:end].addmm_(xf[start:end] @ a_t, b_block)
     for start, end, scale in dora:
         acc[start:end].mul_(scale)
-    if acc is out:
-        return
-    if dora:
+    if acc is not out:
         out.copy_(acc)
-    else:
-        out.add_(acc.to(out.dtype))
+
+
+# A segment this long pays its own float32 conversions; shorter ones share one
+# float32 buffer over the rows they span, so a decode step converts once.
+LONG_SEGMENT = 64
+
+
+def _add_rounded_once(x, out, work) -> None:
+    """apply_lora for a reduced-precision `out` without DoRA rows: each delta
+    is computed in float32 and added with one rounding (in-place add of a
+    float32 tensor into a bf16 one rounds the float32 sum)."""
+    short = []
+    for start, end, a_t, b_block in work:
+        if end - start >= LONG_SEGMENT:
+            out[start:end].add_((x[start:end].float() @ a_t) @ b_block)
+        else:
+            short.append((start, end, a_t, b_block))
+    if not short:
+        return
+    lo, hi = min(w[0] for w in short), max(w[1] for w in short)
+    xf = x[lo:hi].float()
+    acc = torch.zeros(hi - lo, out.shape[1], dtype=torch.float32)
+    for start, end, a_t, b_block in short:
+        acc[start - lo : end - lo].addmm_(xf[start - lo : end - lo] @ a_t, b_block)
+    out[lo:hi].add_(acc)

@@ -56,30 +56,32 @@ class ModelRunner:
             lora_pool.base_weights = model.base_weight
         self.device = model.device
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        # flat KV slots of positions start..end-1
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        # flat KV slots of positions start..end-1 (plain Python: a step builds
+        # its index tensors once, not a few tiny tensors per sequence)
         bs = self.kv.block_size
-        pos = torch.arange(start, end)
-        table = torch.tensor(block_ids, dtype=torch.long)
-        return table[pos // bs] * bs + pos % bs
+        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare(self, chunks: list[SeqChunk]) -> ForwardBatch:
         ids, positions, slot_mapping, prefills = [], [], [], []
         decode_idx, decode_ctx, decode_tables = [], [], []
         logits_index, runs = [], []  # runs: [start, len, slot]
+        dev = self.device
         t = 0
         for c in chunks:
             n = len(c.token_ids)
             end = c.start + n
             ids.extend(c.token_ids)
-            positions.append(torch.arange(c.start, end))
-            slot_mapping.append(self._slots(c.block_ids, c.start, end))
+            positions.extend(range(c.start, end))
+            slot_mapping.extend(self._slots(c.block_ids, c.start, end))
             if n == 1:
                 decode_idx.append(t)
                 decode_ctx.append(end)
                 decode_tables.append(c.block_ids)
             else:
-                ctx_slots = None if c.start == 0 else self._slots(c.block_ids, 0, end)
+                ctx_slots = None
+                if c.start:
+                    ctx_slots = torch.tensor(self._slots(c.block_ids, 0, end), dtype=torch.long, device=dev)
                 prefills.append(PrefillSeq(t, n, ctx_slots))
             if c.wants_logits:
                 logits_index.append(t + n - 1)
@@ -91,20 +93,17 @@ class ModelRunner:
         decode = None
         if decode_idx:
             bs = self.kv.block_size
-            ctx = torch.tensor(decode_ctx)
-            width = int(ctx.max())
+            width = max(decode_ctx)
             max_blocks = (width + bs - 1) // bs
-            table = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
-            for i, blocks in enumerate(decode_tables):
-                nb = min(len(blocks), max_blocks)
-                table[i, :nb] = torch.tensor(blocks[:nb])
+            table = torch.tensor([(b + [0] * max_blocks)[:max_blocks] for b in decode_tables], dtype=torch.long)
+            ctx = torch.tensor(decode_ctx)
             pos = torch.arange(width)
             kv_slots = table[:, pos // bs] * bs + pos % bs  # [B, C]
             mask = (pos[None, :] < ctx[:, None])[:, None, None, :]
             decode = DecodeGroup(
-                torch.tensor(decode_idx, device=self.device),
-                kv_slots.to(self.device),
-                mask.to(self.device),
+                torch.tensor(decode_idx, device=dev),
+                kv_slots.to(dev),
+                mask.to(dev),
             )
         lora = None
         if self.pool is not None and any(r[2] != NO_ADAPTER for r in runs):
@@ -121,17 +120,13 @@ class ModelRunner:
                 dora_rows = (lo, hi, torch.tensor(rows, dtype=torch.long, device=self.device))
             lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales, active,
                              dora=bool(dora_segs), dora_rows=dora_rows)
-        dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.cat(positions).to(dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attn=AttentionMetadata(
-                slot_mapping=torch.cat(slot_mapping).to(dev),
+                slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
                 decode=decode,
-                prefills=tuple(
-                    p if p.kv_slots is None else PrefillSeq(p.start, p.num_new, p.kv_slots.to(dev))
-                    for p in prefills
-                ),
+                prefills=tuple(prefills),
             ),
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
             lora=lora,

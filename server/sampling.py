@@ -65,7 +65,7 @@ class SampleState:
 @dataclass(frozen=True)
 class Sampled:
     token: int
-    logprob: float
+    logprob: float  # NaN unless the request asked for logprobs
     top: tuple[tuple[int, float], ...] = field(default=())
 
 
@@ -96,8 +96,10 @@ def sample(
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")
-    logprobs = torch.log_softmax(logits, dim=-1)
     greedy_tokens = logits.argmax(dim=-1).tolist()
+    # log-softmax over the vocabulary only for the rows that report logprobs
+    wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+    logprobs = dict(zip(wants, torch.log_softmax(logits[wants], dim=-1))) if wants else {}
     out = []
     for i, (p, st) in enumerate(zip(params, states)):
         if p.greedy:
@@ -105,9 +107,11 @@ def sample(
         else:
             row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
             token = int(torch.multinomial(row.softmax(-1), 1, generator=st.generator))
-        top = ()
-        if p.logprobs:
-            vals, idx = torch.topk(logprobs[i], p.logprobs)
-            top = tuple(zip(idx.tolist(), vals.tolist()))
-        out.append(Sampled(token, float(logprobs[i, token]), top))
+        top, logprob = (), float("nan")
+        if i in logprobs:
+            logprob = float(logprobs[i][token])
+            if p.logprobs:
+                vals, idx = torch.topk(logprobs[i], p.logprobs)
+                top = tuple(zip(idx.tolist(), vals.tolist()))
+        out.append(Sampled(token, logprob, top))
     return out
