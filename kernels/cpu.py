@@ -92,19 +92,18 @@ def apply_lora(x, out, work, dora=()) -> None:
         out.copy_(acc)
 
 
-# A segment this long pays its own float32 conversions; shorter ones share one
-# float32 buffer over the rows they span, so a decode step converts once.
+# A segment this long is multiplied in the model's dtype (large enough for
+# the CPU's bf16 matmul units); shorter ones share one float32 buffer over
+# the rows they span, so a decode step converts once.
 LONG_SEGMENT = 64
 
 
 def _add_rounded_once(x, out, work) -> None:
-    """apply_lora for a reduced-precision `out` without DoRA rows: each delta
-    is computed in float32 and added with one rounding (in-place add of a
-    float32 tensor into a bf16 one rounds the float32 sum)."""
+    """apply_lora for a reduced-precision `out` without DoRA rows."""
     short = []
     for start, end, a_t, b_block in work:
         if end - start >= LONG_SEGMENT:
-            out[start:end].add_((x[start:end].float() @ a_t) @ b_block)
+            out[start:end].addmm_(x[start:end] @ a_t.to(out.dtype), b_block.to(out.dtype))
         else:
             short.append((start, end, a_t, b_block))
     if not short:
@@ -114,4 +113,4 @@ def _add_rounded_once(x, out, work) -> None:
     acc = torch.zeros(hi - lo, out.shape[1], dtype=torch.float32)
     for start, end, a_t, b_block in short:
         acc[start - lo : end - lo].addmm_(xf[start - lo : end - lo] @ a_t, b_block)
-    out[lo:hi].add_(acc)
+    out[lo:hi].add_(acc.to(out.dtype))  # a mixed-dtype add_ is ~40% slower on a CPU

@@ -47,7 +47,7 @@ def test_cpu_path_equals_reference(dtype):
     # contiguous and scattered pages
     pages = {0: [0, 1, 2, 3], 1: [8, 9, 10, 11], 2: [12, 13, 14, 15], 3: [16, 17, 18, 19], 4: [20, 22, 21, 30]}
     a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(pages)
-    token_slots = [2, 2, -1, 0, 1, 1, 1, -1, -1, 4, 4, 3] + [0] * 20
+    token_slots = [2, 2, -1, 0, 1, 1, 1, -1, -1, 4, 4, 3] + [0] * 70  # the last one a long segment
     seg = make_segments(token_slots)
     x = torch.randn(len(token_slots), 8, generator=torch.Generator().manual_seed(1)).to(dtype)
     active = seg.with_adapter()
@@ -55,7 +55,10 @@ def test_cpu_path_equals_reference(dtype):
     out = base.clone()
     apply_lora(x, out, [(s, s + n, *views[slot]) for s, n, slot in active])
     want = base.float() + reference_delta(x.float(), token_slots, a_pages, b, page_table, ranks, scales, offs)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
-    torch.testing.assert_close(out.float(), want, **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    else:  # bf16 carries ~3 significant digits: compare the whole delta by its norm
+        delta, want_delta = out.float() - base.float(), want - base.float()
+        assert ((delta - want_delta).norm() / want_delta.norm()) < 1e-2
     # rows with no adapter are left exactly as they were
     assert torch.equal(out[[2, 7, 8]], base[[2, 7, 8]])
