@@ -83,23 +83,8 @@ def peft_model(base_dir: Path, adapter_dir: Path | None):
 
 def make_chat_model(path: Path, seed: int = 0):
     """A tiny random Llama with the default model's tokenizer and chat template
-    (vocab 49152, hidden 64: about 25 MB), for tests that speak text and chat."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    (vocab 49152, hidden 64: about 25 MB), for tests that speak text and chat;
+    the same checkpoint the baselines' smoke mode uses."""
+    from bench.baselines import make_tiny_model
 
-    from server.loader import resolve_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(None))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)
-    model.eval().save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_model(path, seed)
