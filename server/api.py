@@ -243,6 +243,11 @@ def _adapter_tar(name: str, source: AdapterSource) -> bytes:
     return buf.getvalue()
 
 
+def last_outputs(results: dict[int, list[RequestOutput]]) -> dict[int, RequestOutput]:
+    """The final output (token counts, finish reason) of each choice."""
+    return {i: outs[-1] for i, outs in results.items()}
+
+
 def _sse(obj) -> str:
     payload = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {payload}\n\n"
@@ -472,16 +477,13 @@ def create_app(state: ServerState) -> FastAPI:
 
             return StreamingResponse(sse_stream(events(), fan, mix), media_type="text/event-stream")
 
-        results = await _collect(request, fan)
-        choices, finals = [], {}
-        for job in jobs:
-            outs = results[job.index]
-            finals[job.index] = outs[-1]
-            choices.append(CompletionChoice(
-                index=job.index, text="".join(o.text for o in outs), finish_reason=outs[-1].finish_reason,
-                logprobs=completion_logprobs(outs, 0) if body.logprobs is not None else None))
+        results = await _collect(request, fan)  # choice index -> its outputs
+        choices = [CompletionChoice(
+            index=i, text="".join(o.text for o in outs), finish_reason=outs[-1].finish_reason,
+            logprobs=completion_logprobs(outs, 0) if body.logprobs is not None else None)
+            for i, outs in sorted(results.items())]
         return CompletionResponse(id=rid, created=created, model=body.model, choices=choices,
-                                  usage=usage(jobs, finals))
+                                  usage=usage(jobs, last_outputs(results)))
 
     # -- chat -----------------------------------------------------------------
 
@@ -552,17 +554,14 @@ def create_app(state: ServerState) -> FastAPI:
 
             return StreamingResponse(sse_stream(events(), fan, mix), media_type="text/event-stream")
 
-        results = await _collect(request, fan)
-        choices, finals = [], {}
-        for job in jobs:
-            outs = results[job.index]
-            finals[job.index] = outs[-1]
-            choices.append(ChatChoice(
-                index=job.index, message=AssistantMessage(content="".join(o.text for o in outs)),
-                finish_reason=outs[-1].finish_reason,
-                logprobs=chat_logprobs(outs) if logprobs is not None else None))
+        results = await _collect(request, fan)  # choice index -> its outputs
+        choices = [ChatChoice(
+            index=i, message=AssistantMessage(content="".join(o.text for o in outs)),
+            finish_reason=outs[-1].finish_reason,
+            logprobs=chat_logprobs(outs) if logprobs is not None else None)
+            for i, outs in sorted(results.items())]
         return ChatCompletionResponse(id=rid, created=created, model=body.model, choices=choices,
-                                      usage=usage(jobs, finals))
+                                      usage=usage(jobs, last_outputs(results)))
 
     # -- models ---------------------------------------------------------------
 
