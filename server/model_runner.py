@@ -79,10 +79,12 @@ class ModelRunner:
                 decode_ctx.append(end)
                 decode_tables.append(c.block_ids)
             else:
-                ctx_slots = None
                 if c.start:
-                    ctx_slots = torch.tensor(self._slots(c.block_ids, 0, end), dtype=torch.long, device=dev)
-                prefills.append(PrefillSeq(t, n, ctx_slots))
+                    slots = torch.tensor(self._slots(c.block_ids, 0, end), dtype=torch.long, device=dev)
+                    mask = torch.arange(end, device=dev)[None, :] <= torch.arange(c.start, end, device=dev)[:, None]
+                    prefills.append(PrefillSeq(t, n, slots, mask))
+                else:
+                    prefills.append(PrefillSeq(t, n))
             if c.wants_logits:
                 logits_index.append(t + n - 1)
             if runs and runs[-1][2] == c.slot:

@@ -38,7 +38,10 @@ class PrefillSeq:
 
     start: int  # first query token in the flat batch
     num_new: int
-    kv_slots: torch.Tensor | None  # [ctx] long; None when the chunk is the whole context
+    kv_slots: torch.Tensor | None = None  # [ctx] long; None when the chunk is the whole context
+    # [n, ctx] bool with kv_slots: query i sits at position ctx - n + i and
+    # sees keys 0..that position (built once per step, used by every layer)
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -201,11 +204,7 @@ class LlamaModel:
                 mask, causal = None, True
             else:
                 ks, vs = k_cache[p.kv_slots], v_cache[p.kv_slots]  # [ctx, KV, D]
-                ctx = ks.shape[0]
-                # query i sits at position ctx - n + i and sees keys 0..that position
-                qpos = torch.arange(ctx - p.num_new, ctx, device=q.device)
-                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-                causal = False
+                mask, causal = p.mask, False
             o = F.scaled_dot_product_attention(
                 qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=causal, enable_gqa=True,
