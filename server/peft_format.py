@@ -23,7 +23,14 @@ How PEFT names things (peft 0.21, a Llama-family `*ForCausalLM` base):
     rank_pattern /  the first key (in file order) with
     alpha_pattern   re.match(rf"(.*\\.)?({key})$", module name) gives the
                     module's r / lora_alpha; else r / lora_alpha.
-    scale           lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    scale           lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora;
+                    |scale| <= MAX_LORA_SCALE (1024) for every module, so
+                    that no adapter turns its rows' logits into inf or NaN.
+    patterns        target_modules, exclude_modules, layers_pattern and the
+                    keys of rank_pattern / alpha_pattern are matched with RE2,
+                    a linear-time engine: no pattern can stall the server.
+                    RE2 lacks backreferences and lookaround; a pattern that
+                    needs them is refused, naming its field.
     use_dora        DoRA (peft/tuners/lora/dora.py): every targeted module also
                     has a magnitude m [out_features], and its output is
                     (m / ||W0 + scale·B·A||_row) ⊙ (W0 x + scale·B·A x), the norm
@@ -41,6 +48,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import re2
 import torch
 
 from server.config import LORA_MODULES, ModelConfig
@@ -74,6 +82,12 @@ _UNSUPPORTED_FIELDS = {
 }
 
 _MAX_HEADER = 100 * 2**20
+MAX_CONFIG_BYTES = 2**20  # adapter_config.json
+MAX_LORA_SCALE = 1024.0  # |lora_alpha / r| (or / sqrt(r)); PEFT's usual scales are 0.5..64
+_MAX_DIM = 2**31  # any tensor dimension; the model's own are far below
+_MAX_PATTERN_CHARS = 1024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the user's error, answered as such
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -203,6 +217,8 @@ def read_safetensors(data: bytes, field: str = WEIGHTS_NAME) -> dict[str, torch.
         raise fail(f"header has the key {e.args[0]!r} more than once") from None
     except ValueError as e:
         raise fail(f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise fail("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
 
@@ -220,8 +236,8 @@ def read_safetensors(data: bytes, field: str = WEIGHTS_NAME) -> dict[str, torch.
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in _ST_DTYPES:
             raise fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise fail(f"tensor {name!r} has an invalid shape {shape!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d < _MAX_DIM for d in shape):
+            raise fail(f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
@@ -295,11 +311,17 @@ def _other_module_names(model: ModelConfig) -> list[str]:
     return names
 
 
-def _compile(pattern: str, field: str) -> re.Pattern:
+def _compile(pattern: str, field: str):
+    """An RE2 pattern (linear-time matching) with Python re's match/fullmatch."""
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise AdapterError(f"{field}: a pattern of {len(pattern)} characters is longer than the limit of "
+                           f"{_MAX_PATTERN_CHARS}", field)
     try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise AdapterError(f"{field}: {pattern!r} is not a valid regular expression ({e})", field) from None
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise AdapterError(f"{field}: {pattern[:80]!r} is not a regular expression loramux can match in linear "
+                           f"time ({reason}; backreferences and lookaround are not supported)", field) from None
 
 
 def _str_list(value, field: str) -> list[str]:
@@ -378,7 +400,7 @@ def _only_layers(config: dict, chosen: list[tuple[int, str]]) -> list[tuple[int,
         patterns = _str_list(patterns, "layers_pattern")
         rxs = [_compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern") for p in patterns]
     else:
-        rxs = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+        rxs = [_compile(r".*?\.[^.]*\.(?P<idx>\d+)\.", "layers_pattern")]
     out = []
     for c in chosen:
         name = _module_name(*c)
@@ -459,6 +481,11 @@ def _plan(config: dict, model: ModelConfig, max_rank: int) -> dict[tuple[int, st
             raise AdapterError(f"{r_field}: rank {r_m} of {name} exceeds this server's maximum LoRA rank "
                                f"{max_rank}", r_field)
         scale = alpha_m / math.sqrt(r_m) if use_rslora else alpha_m / r_m
+        if not abs(scale) <= MAX_LORA_SCALE:
+            a_field = "alpha_pattern" if hit else "lora_alpha"
+            raise AdapterError(f"{a_field}: the scale of {name} is {scale:.3g} (lora_alpha {alpha_m:.3g} / "
+                               f"{'sqrt(r)' if use_rslora else 'r'} with r={r_m}); it must be within "
+                               f"±{MAX_LORA_SCALE:g}", a_field)
         plan[(layer, module)] = _Plan(r_m, r_field, scale)
     return plan
 
@@ -468,6 +495,9 @@ def _plan(config: dict, model: ModelConfig, max_rank: int) -> dict[tuple[int, st
 # ----------------------------------------------------------------------------
 
 def _parse_config(config_bytes: bytes) -> dict:
+    if len(config_bytes) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_NAME}: {len(config_bytes)} bytes is larger than the limit of "
+                           f"{MAX_CONFIG_BYTES}", CONFIG_NAME)
     try:
         config = json.loads(bytes(config_bytes).decode("utf-8"), object_pairs_hook=_reject_duplicates,
                             parse_constant=_reject_constant)
@@ -475,6 +505,8 @@ def _parse_config(config_bytes: bytes) -> dict:
         raise AdapterError(f"{CONFIG_NAME}: the key {e.args[0]!r} appears more than once", CONFIG_NAME) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise AdapterError(f"{CONFIG_NAME}: not valid JSON ({e})", CONFIG_NAME) from None
+    except RecursionError:
+        raise AdapterError(f"{CONFIG_NAME}: nested too deeply", CONFIG_NAME) from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_NAME}: must be a JSON object", CONFIG_NAME)
     return config

@@ -14,7 +14,7 @@ import pytest
 
 from bench import load_test
 from bench.load_test import Arrivals, Length, Result, Workload, adapter_weights, check_local, percentile
-from test_api import KEY, ROOT, Server
+from live_server import KEY, ROOT, Server
 
 # ---------------------------------------------------------------------------
 # the workload generator (fast)

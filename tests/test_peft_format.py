@@ -330,6 +330,20 @@ CONFIG_REJECTIONS = {
     "rank_not_int": ({"r": 4.5}, "r", None),
     "rank_pattern_bad_regex": ({"rank_pattern": {"q_proj(": 4}}, "rank_pattern", None),
     "alpha_not_number": ({"lora_alpha": "8"}, "lora_alpha", None),
+    "alpha_huge": ({"lora_alpha": 1e300}, "lora_alpha", "1024"),
+    "alpha_inf": ({"lora_alpha": math.inf}, "adapter_config.json", "Infinity"),  # JSON has no inf
+    "alpha_just_above_bound": ({"lora_alpha": 4 * 1024 + 1}, "lora_alpha", None),  # r=4
+    "alpha_pattern_huge": ({"alpha_pattern": {"v_proj": -1e300}}, "alpha_pattern", None),
+    "rslora_huge": ({"use_rslora": True, "lora_alpha": 2 * 1024 + 1}, "lora_alpha", "sqrt"),  # sqrt(4)=2
+    # RE2 cannot express these (Python's re could, with backtracking): refused, naming the field
+    "target_backreference": ({"target_modules": r"(q)_proj\1"}, "target_modules", "linear time"),
+    "target_lookahead": ({"target_modules": r".*(?=q_proj)q_proj"}, "target_modules", "lookaround"),
+    "rank_pattern_lookbehind": ({"rank_pattern": {"(?<=self_attn\\.)q_proj": 4}}, "rank_pattern", None),
+    "exclude_backreference": ({"exclude_modules": r"(a)\1"}, "exclude_modules", None),
+    "layers_pattern_lookahead": ({"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0],
+                                  "layers_pattern": "(?!x)layers"}, "layers_pattern", None),
+    "pattern_too_long": ({"target_modules": "q" * 5000}, "target_modules", "limit"),
+    "target_regex_huge_repetition": ({"target_modules": "(a{1000}){1000}"}, "target_modules", None),
     "rslora_not_bool": ({"use_rslora": "yes"}, "use_rslora", None),
 }
 
@@ -348,6 +362,52 @@ def test_rank_above_max_rank(model_cfg, good):
     err = rejected(model_cfg, config, tensors, "r", max_rank=2)
     assert "2" in str(err) and "4" in str(err)
     rejected(model_cfg, {**config, "rank_pattern": {"q_proj": 4}}, tensors, "rank_pattern", max_rank=3)
+
+
+def test_scale_at_the_bound_is_accepted(model_cfg, good):
+    config, tensors = good  # r=4: lora_alpha 4096 is scale 1024, the documented bound
+    adapter = parse_peft_adapter(json.dumps({**config, "lora_alpha": 4096}).encode(), st_save(tensors), model_cfg,
+                                 MAX_RANK, "x")
+    assert {m.scale for m in adapter.modules.values()} == {1024.0}
+
+
+@pytest.mark.parametrize("pattern", [r"model\.layers\.[0-9]\.(.*)*z", r"(.*)*(.*)*z", r"(a|aa)*(a|aa)*b"])
+def test_catastrophic_backtracking_patterns_answer_at_once(model_cfg, good, pattern):
+    """Patterns that take Python's re minutes (exponential backtracking) are
+    matched by RE2 in linear time: they match nothing here, and say so."""
+    import time
+
+    config, tensors = good
+    t0 = time.perf_counter()
+    err = rejected(model_cfg, {**config, "target_modules": pattern}, tensors, "target_modules")
+    assert "matches no module" in str(err)
+    for field in ("rank_pattern", "alpha_pattern"):  # no key matches: the adapter loads with the defaults
+        adapter = parse_peft_adapter(json.dumps({**config, field: {pattern: 4}}).encode(), st_save(tensors),
+                                     model_cfg, MAX_RANK, "x")
+        assert adapter.rank == 4
+    assert time.perf_counter() - t0 < 30  # generous: Python's re needs far longer for the first alone
+
+
+def test_deeply_nested_config(model_cfg, good):
+    _, tensors = good
+    deep = b'{"r": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = rejected(model_cfg, deep, tensors, "adapter_config.json")
+    assert "nested too deeply" in str(err)
+
+
+def test_config_over_the_size_limit(model_cfg, good):
+    config, tensors = good
+    big = json.dumps({**config, "notes": "x" * 2**20}).encode()
+    rejected(model_cfg, big, tensors, "adapter_config.json")
+
+
+def test_zero_size_tensor_with_a_huge_dimension(model_cfg, good):
+    config, tensors = good
+    weights = raw_st({"t": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}}, b"")
+    err = rejected(model_cfg, config, tensors, ST, weights=weights)
+    assert "invalid shape" in str(err)
+    deep_header = struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000
+    rejected(model_cfg, config, tensors, ST, weights=deep_header)
 
 
 def test_malformed_config_json(model_cfg, good):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bench import load_test
-from test_api import BASE, KEY, ROOT, Server, free_port
+from live_server import BASE, KEY, ROOT, Server, free_port
 from tiny import make_adapter, make_chat_model
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "loramux-dashboard.json"
