@@ -24,7 +24,13 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/loramux serve --adapter-dir adapters_store
 
+# tests/test_prometheus.py starts a real Prometheus (Debian's package)
+PROMETHEUS := $(shell command -v prometheus 2>/dev/null)
+
 test: $(STAMP)
+ifeq ($(PROMETHEUS),)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
+endif
 	$(BIN)/python -m pytest -q --timeout 900 tests
 
 clean-venv:

@@ -85,8 +85,13 @@ def _serve(args) -> int:
         adapter_host_bytes=args.adapter_host_bytes,
         max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_waiting=args.max_waiting,
+        max_waiting=args.max_waiting, mix_pool_bytes=args.mix_pool_bytes,
     ).items() if v is not None}
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LORAMUX_API_KEY")
+    if api_key is not None and not api_key.strip():  # an empty key would silently open the server
+        print("error: the API key is empty (--api-key or LORAMUX_API_KEY); give a key, or neither to serve "
+              "without authentication", file=sys.stderr)
+        return 2
     try:
         config = EngineConfig(dtype=dtype, device=args.device, **options)
         net, tokenizer, folder = load_base(args.model, dtype, args.device)
@@ -94,6 +99,7 @@ def _serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     engine = Engine(net, tokenizer, config)
+    metrics = Metrics(config.max_loras_per_batch)
     store = AdapterStore(args.adapter_dir)
     infos = {}
     for adapter, meta in store.iter_all(net.cfg, config.max_lora_rank):
@@ -104,17 +110,17 @@ def _serve(args) -> int:
             log.error("skipping stored adapter %r: %s", adapter.name, exc)
             continue
         infos[adapter.name] = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
+        metrics.track_adapter(adapter.name)
     log.info("%d adapters loaded from %s", len(infos), store.root)
     served = args.served_model_name or (
         DEFAULT_SERVED_NAME if args.model in (None, "default") else Path(args.model).name.removesuffix(".gguf"))
-    api_key = args.api_key or os.environ.get("LORAMUX_API_KEY") or None
     settings = ServerSettings(
         served_model_name=served, model_root=str(folder), api_key=api_key,
         allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
-        max_upload_bytes=args.max_upload_bytes,
+        max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
     )
     async_engine = AsyncEngine(engine)
-    state = ServerState(async_engine, store, settings, Metrics(config.max_loras_per_batch), adapters=infos)
+    state = ServerState(async_engine, store, settings, metrics, adapters=infos)
     app = create_app(state)
 
     class DrainingServer(uvicorn.Server):
@@ -166,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--adapter-dir", default="adapters_store", help="uploaded adapters live here")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="required as `Authorization: Bearer KEY` "
-                     "(default: env LORAMUX_API_KEY; none = open)")
+    srv.add_argument("--api-key", default=None, help="required as `Authorization: Bearer KEY` on every route "
+                     "but /health and /metrics (default: env LORAMUX_API_KEY; neither = no authentication; "
+                     "an empty key is an error)")
     srv.add_argument("--served-model-name", default=None,
                      help="the base model's name in the API (default: SmolLM2-135M-Instruct or the folder name)")
     srv.add_argument("--max-loras-per-batch", type=int, default=None)
@@ -184,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-waiting", type=int, default=None, help="waiting requests before 429")
     srv.add_argument("--allowed-adapter-root", action="append", default=[], metavar="DIR",
                      help="folders /v1/load_lora_adapter may load from (repeatable; none = disabled)")
-    srv.add_argument("--max-upload-bytes", type=_bytes, default=512 * 2**20, metavar="BYTES")
+    srv.add_argument("--max-upload-bytes", type=_bytes, default=512 * 2**20, metavar="BYTES",
+                     help="largest adapter upload (413 above it)")
+    srv.add_argument("--max-request-bytes", type=_bytes, default=16 * 2**20, metavar="BYTES",
+                     help="largest body of any other request (413 above it, before it is parsed)")
+    srv.add_argument("--mix-pool-bytes", type=_bytes, default=None, metavar="BYTES",
+                     help="per-request adapter mixes held at once (429 when full; default 256M)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(func=_serve)

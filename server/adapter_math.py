@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -40,6 +39,12 @@ from server.peft_format import LoraAdapter, ModuleLora, _module_name, module_byt
     parse_peft_adapter
 
 METHODS = ("concat", "svd")
+# Per-request mixes are registered under MIX_NAME_PREFIX + digest; no stored
+# adapter's name can start so (adapter names have no ':').
+MIX_NAME_PREFIX = "mix:"
+# |weight| of a source in a merge or a per-request mix: far beyond any
+# sensible task arithmetic, small enough that no weight overflows the delta.
+MAX_ADAPTER_WEIGHT = 100.0
 
 
 class MergeError(ValueError):
@@ -60,8 +65,9 @@ def check_sources(sources: list[Source]) -> None:
     if not sources:
         raise MergeError("sources: at least one source adapter is needed", 400, "sources")
     for i, s in enumerate(sources):
-        if not math.isfinite(s.weight):
-            raise MergeError(f"sources[{i}].weight: must be a finite number", 400, f"sources.{i}.weight")
+        if not abs(s.weight) <= MAX_ADAPTER_WEIGHT:  # NaN fails this too
+            raise MergeError(f"sources[{i}].weight: must be a finite number within ±{MAX_ADAPTER_WEIGHT:g}", 400,
+                             f"sources.{i}.weight")
         if s.adapter.use_dora:
             raise MergeError(f"adapter `{s.adapter.name}` is a DoRA adapter; DoRA adapters cannot be merged "
                              "(their row scale is not linear in the LoRA weights)", 422, f"sources.{i}.adapter")

@@ -34,12 +34,13 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import torch
 
 from server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
-from server.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
+from server.adapter_files import AdapterFilesChanged, PinnedFile
+from server.peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
 
 log = logging.getLogger("loramux.adapter_pool")
 
@@ -330,11 +331,12 @@ class AdapterSource:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig,
-                    max_rank: int) -> "AdapterSource":
-        """`adapter` was parsed and validated from the PEFT `folder`; only
-        its metadata is kept, the weights are read back when needed."""
+                    max_rank: int, files: dict[str, PinnedFile] | None = None) -> "AdapterSource":
+        """`adapter` was parsed and validated from the PEFT `folder` (from
+        `files`, when given); only its metadata is kept, the weights are read
+        back when needed."""
         return cls(adapter.name, adapter.digest, adapter.rank, adapter.nbytes,
-                   FolderLoader(folder, adapter, model, max_rank))
+                   FolderLoader(folder, adapter, model, max_rank, files))
 
     @property
     def held(self) -> bool:
@@ -350,7 +352,6 @@ class _Held:
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_KEY_PARTS = 7  # base_model.model.model.layers.{i}.{parent}.{module}.lora_{A|B}[.{name}].weight
 
 
 class FolderLoader:
@@ -364,10 +365,13 @@ class FolderLoader:
     replaced since is parsed in full again and must give the same digest.
     """
 
-    def __init__(self, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig, max_rank: int):
+    def __init__(self, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig, max_rank: int,
+                 files: dict[str, PinnedFile] | None = None):
+        """`files`: the pinned config and weights files that were validated
+        (server/adapter_files.py); pinned now when not given."""
         self.folder = Path(folder)
-        st = os.stat(self.folder / WEIGHTS_NAME)
-        self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self.files = files if files is not None else {
+            n: PinnedFile.stat(self.folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME)}
         self.meta = dict(name=adapter.name, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
                          target_modules=adapter.target_modules, config=adapter.config,
                          digest=adapter.digest, nbytes=adapter.nbytes)
@@ -377,19 +381,33 @@ class FolderLoader:
 
     def __call__(self) -> LoraAdapter:
         name, digest = self.meta["name"], self.meta["digest"]
+        weights = self.files[WEIGHTS_NAME]
         try:
-            with open(self.folder / WEIGHTS_NAME, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (st.st_ino, st.st_size, st.st_mtime_ns) == self.identity:
-                    data = bytearray(st.st_size)
-                    if f.readinto(data) == st.st_size:
+            try:
+                with weights.open() as f:
+                    data = bytearray(weights.identity[2])
+                    if f.readinto(data) == len(data):
                         return self._parse(data)
+            except AdapterFilesChanged:
+                pass
             adapter = load_peft_adapter(self.folder, self.model, self.max_rank, name)
         except (OSError, ValueError, KeyError) as exc:
             raise AdapterUnavailable(f"adapter {name!r}: {self.folder} cannot be read: {exc}") from None
         if adapter.digest != digest:
             raise AdapterUnavailable(f"adapter {name!r}: {self.folder} changed on disk since it was registered")
         return adapter
+
+    def open_files(self) -> list[tuple[str, BinaryIO]]:
+        """The config and weights files as validated, open; AdapterFilesChanged if either changed."""
+        opened: list[tuple[str, BinaryIO]] = []
+        try:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                opened.append((name, self.files[name].open()))
+        except AdapterFilesChanged:
+            for _, f in opened:
+                f.close()
+            raise
+        return opened
 
     def _parse(self, data: bytearray) -> LoraAdapter:
         n = int.from_bytes(data[:8], "little")
@@ -547,9 +565,12 @@ class AdapterPool:
     last read by a step whose kernels finished (sampling synchronized).
     """
 
-    def __init__(self, device_pool: DeviceLoraPool, host_bytes: int = 0, prefetch: bool = True):
+    def __init__(self, device_pool: DeviceLoraPool, host_bytes: int = 0, prefetch: bool = True,
+                 mix_bytes: int = 256 * 2**20):
         self.device = device_pool
         self.host = HostCache(host_bytes)
+        self.mix_budget = mix_bytes  # per-request mixes held at once (built or being built)
+        self._mix_bytes = 0
         self._lock = threading.Condition()
         self._names: dict[str, str] = {}  # name -> digest
         self._mixes: dict[str, str] = {}  # per-request mixes: name -> digest, gone with their last ref
@@ -619,21 +640,49 @@ class AdapterPool:
             self._refs[digest] = self._refs.get(digest, 0) + 1
             return self._sources[digest].name
 
-    def add_mix(self, adapter: LoraAdapter) -> str:
+    def reserve_mix(self, nbytes: int) -> bool:
+        """Book `nbytes` of the mix budget for a mix about to be built; False
+        (nothing booked) when the budget cannot hold it. Hand the booking to
+        add_mix, or back with unreserve_mix."""
+        with self._lock:
+            if self._mix_bytes + nbytes > self.mix_budget:
+                return False
+            self._mix_bytes += nbytes
+            return True
+
+    def unreserve_mix(self, nbytes: int) -> None:
+        with self._lock:
+            self._mix_bytes -= nbytes
+
+    def add_mix(self, adapter: LoraAdapter, reserved: int = 0) -> str:
         """Register a mix held in memory, under its own name, with one reference
         taken (give it back with release(adapter.digest)); the mix is dropped
-        when its last reference goes. Returns its name."""
-        name = self.hold_mix(adapter.digest)
-        if name is not None:
-            return name
-        self.check_fits(adapter.rank)
+        when its last reference goes. `reserved` bytes were booked with
+        reserve_mix; the mix holds adapter.nbytes of the budget from now on.
+        Returns its name."""
         with self._lock:
+            self._mix_bytes -= reserved
+            name = self.hold_mix(adapter.digest)  # built meanwhile by another request
+            if name is not None:
+                return name
+            self.check_fits(adapter.rank)
             if adapter.name in self._names or adapter.digest in self._sources:
                 raise KeyError(f"adapter {adapter.name!r} is already registered")
             self._mixes[adapter.name] = adapter.digest
             self._sources[adapter.digest] = AdapterSource.in_memory(adapter)
             self._refs[adapter.digest] = 1
+            self._mix_bytes += adapter.nbytes
             return adapter.name
+
+    def mix_bytes(self) -> int:
+        """Bytes of the mix budget in use (mixes held and being built)."""
+        with self._lock:
+            return self._mix_bytes
+
+    def total_refs(self) -> int:
+        """References held on adapters by unfinished requests and held mixes (0 when idle)."""
+        with self._lock:
+            return sum(self._refs.values())
 
     def source(self, name: str) -> AdapterSource | None:
         with self._lock:
@@ -670,6 +719,7 @@ class AdapterPool:
             return False
         if self._mixes.get(self._sources[digest].name) == digest:
             del self._mixes[self._sources[digest].name]
+            self._mix_bytes -= self._sources[digest].nbytes
         del self._sources[digest]
         self.host.pop(digest)
         self._prefetched.discard(digest)

@@ -7,18 +7,23 @@ the engine thread (`AsyncEngine.generate`, `AsyncEngine.call`).
 Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
 with these statuses: 400 invalid parameters, 401 API key, 403 adapter path
 outside the allowed roots, 404 unknown model/adapter, 409 duplicate adapter,
-413 upload over the cap, 422 adapter fails validation, 429 waiting queue full,
-503 draining or unhealthy, 500 anything unexpected (details only in the log).
+413 request body over --max-request-bytes (uploads: --max-upload-bytes),
+422 adapter fails validation, 429 waiting queue or mix budget full,
+503 draining or unhealthy, 500 the engine failed this request (that request
+only) or anything unexpected (details only in the log).
+
+Nothing a request carries is processed on the event loop beyond parsing a
+body under the cap: tokenizing, chat templates, adapter validation and file
+I/O run in threads, so /health answers whatever clients send.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
-import io
 import json
 import logging
-import tarfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,12 +38,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server import adapter_math
+from server.adapter_files import AdapterFilesChanged, PinnedFile, tar_stream
 from server.adapter_pool import AdapterSource, FolderLoader
 from server.adapter_store import AdapterStore, check_name
-from server.engine import AsyncEngine, RequestError, RequestOutput
+from server.engine import AsyncEngine, RequestError, RequestFailed, RequestOutput
 from server.metrics import Metrics, RequestTimer
-from server.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, AdapterError, LoraAdapter, \
-    load_peft_adapter, parse_peft_adapter, peft_files
+from server.peft_format import CONFIG_NAME, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, AdapterError, \
+    LoraAdapter, load_peft_adapter, parse_peft_adapter, peft_files
 from server.protocol import (
     AdapterInfo, AdapterList, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
     ChatCompletionRequest, ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
@@ -81,6 +87,7 @@ class ServerSettings:
     api_key: str | None = None
     allowed_adapter_roots: tuple[Path, ...] = ()
     max_upload_bytes: int = 512 * 2**20
+    max_request_bytes: int = 16 * 2**20  # any other request body
     health_timeout_s: float = 60.0  # /health fails when the engine loop is silent this long
 
 
@@ -104,8 +111,9 @@ def adapter_info(adapter: LoraAdapter, sha256: str, size: int, created: int, sou
 
 
 class Gate:
-    """ASGI middleware: 503 while draining, 401 without the API key, and the
-    in-flight count the drain waits for (streaming bodies included)."""
+    """ASGI middleware: 503 while draining, 401 without the API key, 413 for a
+    body over the cap (before anything parses it), and the in-flight count
+    the drain waits for (streaming bodies included)."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -122,11 +130,39 @@ class Gate:
             if not hmac.compare_digest(given.encode(), key.encode()):
                 return await error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
                                             code="invalid_api_key")(scope, receive, send)
+        settings = self.state.settings
+        if scope["path"] == "/v1/adapters":
+            too_large = ApiError(413, f"the upload is larger than the limit of {settings.max_upload_bytes} bytes",
+                                 code="upload_too_large")
+            cap = settings.max_upload_bytes
+        else:
+            too_large = ApiError(413, f"the request body is larger than the limit of {settings.max_request_bytes} "
+                                      "bytes (--max-request-bytes)", code="request_too_large")
+            cap = settings.max_request_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > cap:
+            return await error_response(413, too_large.message, code=too_large.code)(scope, receive, send)
         self.state.inflight += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, _capped_receive(receive, cap, too_large), send)
         finally:
             self.state.inflight -= 1
+
+
+def _capped_receive(receive, cap: int, too_large: ApiError):
+    """`receive` that stops a body (e.g. chunked, with no length) at `cap` bytes with a 413."""
+    total = 0
+
+    async def capped():
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > cap:  # stop reading: the body is never held whole
+                raise too_large
+        return message
+
+    return capped
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +224,8 @@ def _engine_error(exc: Exception) -> ApiError:
         return ApiError(429, "the server is busy: too many requests waiting", code="queue_full")
     if isinstance(exc, RequestError):
         return _request_error(exc)
+    if isinstance(exc, RequestFailed):  # this request alone; the others go on
+        return ApiError(500, f"generation failed for this request: {exc}", code="request_failed")
     log.error("generation failed: %s", exc)
     return ApiError(500, "generation failed in the engine", code="engine_error")
 
@@ -226,21 +264,14 @@ async def _collect(request: Request, fan: _Fanout) -> dict[int, list[RequestOutp
         fan.cancel()
 
 
-def _adapter_tar(name: str, source: AdapterSource) -> bytes:
-    """The adapter's PEFT files as a tar: <name>/adapter_config.json, <name>/adapter_model.safetensors."""
-    if isinstance(source.load, FolderLoader):  # the files as registered
-        folder = source.load.folder
-        files = {CONFIG_NAME: (folder / CONFIG_NAME).read_bytes(), WEIGHTS_NAME: (folder / WEIGHTS_NAME).read_bytes()}
-    else:  # held in memory (its files were deleted while requests used it)
-        config_bytes, weights_bytes = peft_files(source.load())
-        files = {CONFIG_NAME: config_bytes, WEIGHTS_NAME: weights_bytes}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for fname, data in files.items():
-            entry = tarfile.TarInfo(f"{name}/{fname}")
-            entry.size, entry.mtime, entry.mode = len(data), int(time.time()), 0o644
-            tar.addfile(entry, io.BytesIO(data))
-    return buf.getvalue()
+def _adapter_files(source: AdapterSource) -> list[tuple[str, object]]:
+    """The adapter's PEFT files as validated: open files of its folder, or
+    bytes for one held in memory (its files were deleted while requests used
+    it). AdapterFilesChanged if a folder's file is not the one registered."""
+    if isinstance(source.load, FolderLoader):
+        return source.load.open_files()
+    config_bytes, weights_bytes = peft_files(source.load())
+    return [(CONFIG_NAME, config_bytes), (WEIGHTS_NAME, weights_bytes)]
 
 
 def last_outputs(results: dict[int, list[RequestOutput]]) -> dict[int, RequestOutput]:
@@ -303,12 +334,24 @@ def create_app(state: ServerState) -> FastAPI:
             return name
         raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
-    def encode(prompt: str | list[int]) -> list[int]:
+    # A token covers at most this many characters, so a text longer than
+    # context_len * max_chars can never fit: refuse it without tokenizing.
+    # (x2: room for a normalizer that shortens text.)
+    max_chars = 2 * core.context_len * max((len(t) for t in tokenizer.get_vocab()), default=1) \
+        if tokenizer is not None else 0
+
+    def check_length(chars: int, param: str) -> None:
+        if chars > max_chars:
+            raise ApiError(400, f"the {param} is far longer than the model's context of {core.context_len} "
+                                "tokens", param, "context_length_exceeded")
+
+    async def encode(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
             return prompt
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: send token ids", "prompt")
-        return list(tokenizer.encode(prompt))
+        check_length(len(prompt), "prompt")
+        return list(await asyncio.to_thread(tokenizer.encode, prompt))
 
     def sampling_params(body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
                         seed_offset: int) -> SamplingParams:
@@ -331,6 +374,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, str(exc), code="invalid_value") from None
 
     def plan(body, prompts: list[list[int]], max_tokens, logprobs, adapter) -> list[_Job]:
+        """The engine requests of one HTTP request, each checked; 429 before
+        anything is built when the waiting queue cannot take them."""
         jobs = []
         for p, ids in enumerate(prompts):
             for k in range(body.n):
@@ -357,13 +402,17 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ApiError(404, f"adapter `{n}` does not exist", f"{param}.{i}", "adapter_not_found")
         return [await asyncio.to_thread(s.load) for s in sources]
 
-    async def hold_mix(body, adapter: str | None) -> tuple[str, str] | None:
+    def check_mix_request(body, adapter: str | None) -> None:
+        if body.adapters and adapter is not None:
+            raise ApiError(400, "with `adapters`, `model` must name the base model", "adapters")
+
+    async def hold_mix(body) -> tuple[str, str] | None:
         """(name, digest) of the request's mix of adapters (`adapters`), registered
-        in the pool and referenced until release_mix; None without `adapters`."""
+        in the pool and referenced until release_mix; None without `adapters`.
+        Mixes are shared by content; a new one is built only after its bytes
+        are booked in the mix budget (429 when it is full)."""
         if not body.adapters:
             return None
-        if adapter is not None:
-            raise ApiError(400, "with `adapters`, `model` must name the base model", "adapters")
         names = [a.name for a in body.adapters]
         weights = [a.weight for a in body.adapters]
         for i, n in enumerate(names):
@@ -375,19 +424,32 @@ def create_app(state: ServerState) -> FastAPI:
             name = await engine.call(lambda e: e.adapters.hold_mix(key))
             if name is not None:
                 return name, key
-        loaded = await load_sources(names, "adapters")
-        sources = [adapter_math.Source(a, w) for a, w in zip(loaded, weights)]
-        key = adapter_math.mix_digest([(a.digest, w) for a, w in zip(loaded, weights)])
+        sources_meta = await engine.call(lambda e: [e.adapters.source(n) for n in names])
+        if any(m is None for m in sources_meta):
+            i = next(i for i, m in enumerate(sources_meta) if m is None)
+            raise ApiError(404, f"adapter `{names[i]}` does not exist", f"adapters.{i}.name", "model_not_found")
+        booked = sum(m.nbytes for m in sources_meta)  # a concat holds every source's A and B once
+        if not await engine.call(lambda e: e.adapters.reserve_mix(booked)):
+            raise ApiError(429, "the server holds as many per-request adapter mixes as it can; retry later",
+                           "adapters", "mix_budget_full")
         try:
-            mixed = await asyncio.to_thread(adapter_math.concat, f"mix:{key[:16]}", sources, key)
-        except adapter_math.MergeError as exc:
-            raise ApiError(exc.status, str(exc), exc.param and exc.param.replace("sources", "adapters"),
-                           "invalid_mix") from None
-        if mixed.rank > max_rank:
-            raise ApiError(400, f"the mix has rank {mixed.rank} (the sum of its adapters' ranks), above this "
-                                f"server's max_lora_rank {max_rank}", "adapters", "invalid_mix")
+            loaded = await load_sources(names, "adapters")
+            sources = [adapter_math.Source(a, w) for a, w in zip(loaded, weights)]
+            key = adapter_math.mix_digest([(a.digest, w) for a, w in zip(loaded, weights)])
+            try:
+                mixed = await asyncio.to_thread(adapter_math.concat, adapter_math.MIX_NAME_PREFIX + key[:16],
+                                                sources, key)
+            except adapter_math.MergeError as exc:
+                raise ApiError(exc.status, str(exc), exc.param and exc.param.replace("sources", "adapters"),
+                               "invalid_mix") from None
+            if mixed.rank > max_rank:
+                raise ApiError(400, f"the mix has rank {mixed.rank} (the sum of its adapters' ranks), above "
+                                    f"this server's max_lora_rank {max_rank}", "adapters", "invalid_mix")
+        except BaseException:
+            await engine.call(lambda e: e.adapters.unreserve_mix(booked))
+            raise
         try:
-            name = await engine.call(lambda e: e.adapters.add_mix(mixed))
+            name = await engine.call(lambda e: e.adapters.add_mix(mixed, booked))
         except (KeyError, ValueError) as exc:
             raise ApiError(400, str(exc).strip("'\""), "adapters", "invalid_mix") from None
         return name, key
@@ -437,16 +499,17 @@ def create_app(state: ServerState) -> FastAPI:
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
     async def completions(body: CompletionRequest, request: Request):
         adapter = resolve_model(body.model)
+        check_mix_request(body, adapter)
         prompts = body.prompts()
         if len(prompts) > MAX_PROMPTS:
             raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
-        ids = [encode(p) for p in prompts]
-        mix = await hold_mix(body, adapter)
+        ids = [await encode(p) for p in prompts]
+        jobs = plan(body, ids, body.max_tokens, body.logprobs, adapter)
+        mix = await hold_mix(body)
         streaming = False
         try:
             if mix is not None:
                 adapter = mix[0]
-            jobs = plan(body, ids, body.max_tokens, body.logprobs, adapter)
             rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             fan = _Fanout(state, jobs, adapter)
             streaming = body.stream
@@ -487,12 +550,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     # -- chat -----------------------------------------------------------------
 
-    def encode_chat(body: ChatCompletionRequest) -> list[int]:
+    async def encode_chat(body: ChatCompletionRequest) -> list[int]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                          tokenize=True)
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise ApiError(400, f"the chat template rejected the messages: {type(exc).__name__}",
                            "messages") from None
@@ -512,14 +577,15 @@ def create_app(state: ServerState) -> FastAPI:
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         adapter = resolve_model(body.model)
+        check_mix_request(body, adapter)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        ids = encode_chat(body)
-        mix = await hold_mix(body, adapter)
+        ids = await encode_chat(body)
+        jobs = plan(body, [ids], body.token_limit(), logprobs, adapter)
+        mix = await hold_mix(body)
         streaming = False
         try:
             if mix is not None:
                 adapter = mix[0]
-            jobs = plan(body, [ids], body.token_limit(), logprobs, adapter)
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             fan = _Fanout(state, jobs, adapter)
             streaming = body.stream
@@ -583,10 +649,15 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as exc:
             raise ApiError(422, str(exc), "adapter_model.safetensors", "adapter_too_large") from None
 
-    async def register(adapter: AdapterSource, info: AdapterInfo, on_fail=None) -> None:
+    async def register(adapter: AdapterSource, info: AdapterInfo) -> None:
         """Register the adapter's metadata; its weights stay on disk until a request needs them."""
+
+        def add(e):
+            e.adapters.register(adapter)
+            state.metrics.track_adapter(adapter.name)
+
         try:
-            await engine.call(lambda e: e.adapters.register(adapter))
+            await engine.call(add)
         except KeyError:
             raise ApiError(409, f"adapter `{adapter.name}` already exists", "name", "adapter_exists") from None
         except ValueError as exc:  # rank above the pool's limits
@@ -598,7 +669,12 @@ def create_app(state: ServerState) -> FastAPI:
         if info is None:
             raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
         # in-flight requests keep their weights: the pool reads them into memory before the files go
-        await engine.call(lambda e: e.adapters.unregister(name))
+
+        def remove(e):
+            e.adapters.unregister(name)
+            state.metrics.forget_adapter(name)
+
+        await engine.call(remove)
         if info.source == "upload":
             await asyncio.to_thread(state.store.delete, name)
         return info
@@ -611,26 +687,16 @@ def create_app(state: ServerState) -> FastAPI:
         if name in state.adapters or name == state.settings.served_model_name or state.store.exists(name):
             raise ApiError(409, f"adapter `{name}` already exists", "name", "adapter_exists")
 
-    async def read_upload(request: Request) -> tuple[str, bytes, bytes]:
-        cap = state.settings.max_upload_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cap:
-            raise ApiError(413, f"the upload is larger than the limit of {cap} bytes", code="upload_too_large")
+    @contextlib.asynccontextmanager
+    async def read_upload(request: Request):
+        """(name, config file, weights file) of a multipart upload. The Gate caps
+        the body at --max-upload-bytes; files spool to temporary files (held
+        in memory only up to 1 MiB each) and are gone when the block ends."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(400, "send multipart/form-data with `name`, adapter_config.json and "
                                 "adapter_model.safetensors")
-
-        async def capped():
-            total = 0
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > cap:  # stop reading: the body is never held whole
-                    raise ApiError(413, f"the upload is larger than the limit of {cap} bytes",
-                                   code="upload_too_large")
-                yield chunk
-
         try:
-            form = await MultiPartParser(request.headers, capped(), max_files=4, max_fields=4,
+            form = await MultiPartParser(request.headers, request.stream(), max_files=4, max_fields=4,
                                          max_part_size=4096).parse()
         except MultiPartException as exc:
             raise ApiError(400, f"malformed multipart body: {exc}") from None
@@ -649,16 +715,26 @@ def create_app(state: ServerState) -> FastAPI:
             for needed in (CONFIG_NAME, WEIGHTS_NAME):
                 if needed not in parts:
                     raise ApiError(400, f"the file `{needed}` is missing", needed)
-            return name, await parts[CONFIG_NAME].read(), await parts[WEIGHTS_NAME].read()
+            yield name, parts[CONFIG_NAME], parts[WEIGHTS_NAME]
         finally:
             await form.close()
+
+    async def read_part(part: UploadFile, limit: int | None = None) -> bytes:
+        await part.seek(0)
+        data = await part.read(-1 if limit is None else limit + 1)
+        if limit is not None and len(data) > limit:
+            raise ApiError(422, f"{part.filename}: larger than the limit of {limit} bytes", CONFIG_NAME,
+                           "invalid_adapter")
+        return data
 
     @app.post("/v1/adapters", status_code=201, response_model=AdapterInfo,
               responses={k: {"model": ErrorResponse} for k in (400, 409, 413, 422)})
     async def upload_adapter(request: Request):
-        name, config_bytes, weights_bytes = await read_upload(request)
-        async with state.adapter_lock:
+        async with read_upload(request) as (name, config_part, weights_part), state.adapter_lock:
+            # under the lock, so that one upload's bytes at a time are in memory
             check_new_name(name)
+            config_bytes = await read_part(config_part, MAX_CONFIG_BYTES)
+            weights_bytes = await read_part(weights_part)
             try:
                 adapter = await asyncio.to_thread(parse_peft_adapter, config_bytes, weights_bytes, model_cfg,
                                                   max_rank, name)
@@ -731,18 +807,25 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/adapters/{name}/download")
     async def download_adapter(name: str):
-        """The adapter's PEFT files (adapter_config.json, adapter_model.safetensors) as a tar."""
+        """The adapter's PEFT files (adapter_config.json, adapter_model.safetensors) as a
+        tar, streamed from the files that were validated; 409 if they changed since."""
         if name not in state.adapters:
             raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
         source = await engine.call(lambda e: e.adapters.source(name))
         if source is None:
             raise ApiError(404, f"adapter `{name}` does not exist", "name", "adapter_not_found")
-        data = await asyncio.to_thread(_adapter_tar, name, source)
-        return Response(data, media_type="application/x-tar",
-                        headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
+        try:
+            files = await asyncio.to_thread(_adapter_files, source)
+        except AdapterFilesChanged as exc:
+            raise ApiError(409, f"adapter `{name}`: its files changed on disk since it was registered ({exc}); "
+                                "unload and load it again", "name", "adapter_changed") from None
+        return StreamingResponse(tar_stream(name, files), media_type="application/x-tar",
+                                 headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        if "\0" in body.lora_path:
+            raise ApiError(400, "lora_path must not contain a NUL byte", "lora_path", "invalid_value")
         async with state.adapter_lock:
             check_new_name(body.lora_name)
             path = Path(body.lora_path).resolve()
@@ -750,20 +833,29 @@ def create_app(state: ServerState) -> FastAPI:
             if not any(path.is_relative_to(r) for r in roots):
                 raise ApiError(403, "lora_path is not under an allowed adapter root (--allowed-adapter-root)",
                                "lora_path", "path_not_allowed")
+            try:  # symlinks are resolved once, here; the real files must stay under the roots too
+                (pinned_config, config_bytes), (pinned_weights, weights) = await asyncio.to_thread(
+                    lambda: (PinnedFile.read(path / CONFIG_NAME), PinnedFile.read(path / WEIGHTS_NAME)))
+            except OSError:
+                try:  # the reason, named as for any folder (e.g. only a pickled adapter_model.bin)
+                    await asyncio.to_thread(load_peft_adapter, path, model_cfg, max_rank, body.lora_name)
+                except AdapterError as exc:
+                    raise ApiError(422, str(exc), exc.field, "invalid_adapter") from None
+                raise ApiError(422, f"lora_path: {CONFIG_NAME} and {WEIGHTS_NAME} could not be read as regular "
+                                    "files", "lora_path", "invalid_adapter") from None
+            if not all(any(f.path.is_relative_to(r) for r in roots) for f in (pinned_config, pinned_weights)):
+                raise ApiError(403, "lora_path's files lead outside the allowed adapter roots", "lora_path",
+                               "path_not_allowed")
             try:
-                adapter = await asyncio.to_thread(load_peft_adapter, path, model_cfg, max_rank, body.lora_name)
-                weights = await asyncio.to_thread((path / WEIGHTS_NAME).read_bytes)
+                adapter = await asyncio.to_thread(parse_peft_adapter, config_bytes, weights, model_cfg, max_rank,
+                                                  body.lora_name)
             except AdapterError as exc:
                 raise ApiError(422, str(exc), exc.field, "invalid_adapter") from None
-            except OSError:
-                raise ApiError(422, "lora_path could not be read", "lora_path", "invalid_adapter") from None
             check_fits(adapter)
             info = adapter_info(adapter, hashlib.sha256(weights).hexdigest(), len(weights), int(time.time()),
                                 "path")
-            try:
-                source = AdapterSource.from_folder(path, adapter, model_cfg, max_rank)
-            except OSError:
-                raise ApiError(422, "lora_path could not be read", "lora_path", "invalid_adapter") from None
+            source = AdapterSource.from_folder(path, adapter, model_cfg, max_rank,
+                                               {CONFIG_NAME: pinned_config, WEIGHTS_NAME: pinned_weights})
             await register(source, info)
         return info
 

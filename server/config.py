@@ -5,7 +5,7 @@ holds the serving knobs. Components copy what they need from them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The seven LoRA-able linears, in the order the adapter pool indexes them.
 LORA_MODULES: tuple[str, ...] = (
@@ -131,13 +131,16 @@ class EngineConfig:
     # arrival once it has been passed over this many steps.
     max_wait_steps: int = 32
     max_waiting: int = 1024
+    # Bytes of per-request mixes (`adapters: [...]`) held at once, built or
+    # being built; a request whose mix would not fit gets 429.
+    mix_pool_bytes: int = 256 * 2**20
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens",
                      "max_loras_per_batch", "max_lora_rank", "adapter_pool_bytes",
-                     "max_adapter_slots", "max_wait_steps", "max_waiting"):
+                     "max_adapter_slots", "max_wait_steps", "max_waiting", "mix_pool_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.adapter_host_bytes is not None and self.adapter_host_bytes < 0:

@@ -22,8 +22,8 @@ from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import BlockAllocator
 from server.model_runner import KVCache, ModelRunner, SeqChunk
 from server.request import Request, RequestStatus
-from server.sampling import SampleState, SamplingParams, sample
-from server.scheduler import Scheduler, SchedulerOutput
+from server.sampling import SampleFailed, SampleState, SamplingParams, sample
+from server.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger("loramux.engine")
 
@@ -35,6 +35,11 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not go on with this request (and with this request
+    only: see Engine.step); the message is safe to show its client."""
 
 
 @dataclass
@@ -50,6 +55,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None  # set, with finish_reason "error", when the engine failed this request
 
 
 @dataclass
@@ -88,7 +94,7 @@ class Engine:
             adapters = AdapterPool(DeviceLoraPool(
                 cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
                 lora_pool_dtype(model), model.device,
-            ), host_bytes, prefetch=config.adapter_prefetch)
+            ), host_bytes, prefetch=config.adapter_prefetch, mix_bytes=config.mix_pool_bytes)
         self.adapters = adapters
         self.scheduler = Scheduler(
             config, self.allocator,
@@ -128,6 +134,8 @@ class Engine:
                 f"({self.allocator.num_blocks * self.allocator.block_size} tokens)",
                 "max_tokens",
             )
+        if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"The model `{adapter}` does not exist.", "model", "model_not_found")
 
@@ -154,7 +162,7 @@ class Engine:
             IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sampling.stop)
             if self.tokenizer is not None else None
         )
-        self._gens[request_id] = _Generation(request, adapter, detok, SampleState.for_params(sampling), stop_ids)
+        self._gens[request_id] = _Generation(request, adapter, detok, SampleState.for_params(sampling, self.model.device), stop_ids)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -176,6 +184,15 @@ class Engine:
     # -- the step -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> make adapters resident -> run -> postprocess.
+
+        A failure caused by one request fails that request only: an adapter
+        that cannot be loaded fails the requests that use it, a forward pass
+        that raises is re-run in halves until the chunks that raise alone are
+        found, and a row that cannot be sampled or detokenized ends its own
+        request. Each failed request ends with an output whose `error` is set;
+        every other request goes on as if the failed one had never been there.
+        """
         out = self.scheduler.schedule()
         in_use = self._adapters_in_use()  # pinned in the pool until the next step
         if out.is_empty:
@@ -183,19 +200,94 @@ class Engine:
             return []
         self.num_preemptions += len(out.preempted)
         t0 = time.perf_counter()
-        slots = self.adapters.make_resident(sorted(out.adapters), in_use)
+        slots, failed = self._make_resident(sorted(out.adapters), in_use)
         self.last_residency_seconds = time.perf_counter() - t0
         # waiting requests' adapters load in the pool's worker while this step runs
         self.adapters.prefetch(self.scheduler.waiting_adapters(), in_use)
-        logits = self.runner.run([
-            SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter, -1), c.samples)
-            for c in out.chunks
-        ])
-        self.scheduler.update_after_step(out)
-        return self._postprocess(out, logits)
+        chunks = [c for c in out.chunks if c.request.status is RequestStatus.RUNNING]
+        logits, sampled_chunks = self._forward(chunks, slots, failed)
+        self.scheduler.update_after_step(out)  # skips the requests failed above
+        return failed + self._postprocess(sampled_chunks, logits)
 
-    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
-        gens = [self._gens[c.request.request_id] for c in out.chunks if c.samples]
+    def _make_resident(self, digests: list[str], in_use: frozenset[str]) -> tuple[dict[str, int], list[RequestOutput]]:
+        """Slots of the step's adapters. An adapter that cannot be made
+        resident (its files vanished or changed) fails the requests that use
+        it; the others keep their slots."""
+        try:
+            return self.adapters.make_resident(digests, in_use), []
+        except Exception:
+            log.exception("making the step's adapters resident failed; trying them one by one")
+        slots, failed = {}, []
+        for digest in digests:
+            try:
+                slots.update(self.adapters.make_resident([digest], in_use))
+            except Exception as exc:
+                reason = "the adapter could not be loaded" if not isinstance(exc, MemoryError) else \
+                    "the adapter does not fit in the device pool"
+                for request in [r for r in self.scheduler.running if r.adapter == digest]:
+                    failed.append(self._fail(request, reason))
+        return slots, failed
+
+    def _forward(self, chunks: list[ScheduledChunk], slots: dict[str, int],
+                 failed: list[RequestOutput]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """(logits [N, V], the N chunks that sample, in order). If the batch
+        raises, each half is run alone, recursively: the chunks that raise on
+        their own are failed (appended to `failed`), the others keep the
+        logits of the part they ran in."""
+        seqs = [SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter, -1), c.samples)
+                for c in chunks]
+        sampled = [c for c in chunks if c.samples]
+        if not seqs:
+            return torch.empty(0), []
+        try:
+            return self.runner.run(seqs), sampled
+        except Exception:
+            log.exception("a forward pass of %d chunks failed; isolating the culprit", len(seqs))
+        rows: dict[int, torch.Tensor] = {}
+        culprits: list[int] = []
+        self._bisect(list(range(len(seqs))), seqs, rows, culprits, whole_failed=True)
+        for i in culprits:
+            failed.append(self._fail(chunks[i].request, "the forward pass failed on this request"))
+        keep = [i for i, c in enumerate(chunks) if c.samples and i in rows]
+        if not keep:
+            return torch.empty(0), []
+        return torch.stack([rows[i] for i in keep]), [chunks[i] for i in keep]
+
+    def _bisect(self, idx: list[int], seqs: list[SeqChunk], rows: dict[int, torch.Tensor],
+                culprits: list[int], whole_failed: bool = False) -> None:
+        if not whole_failed:
+            try:
+                logits = self.runner.run([seqs[i] for i in idx])
+            except Exception:
+                pass
+            else:
+                rows.update(zip([i for i in idx if seqs[i].wants_logits], logits))
+                return
+        if len(idx) == 1:
+            culprits.append(idx[0])
+            return
+        half = len(idx) // 2
+        self._bisect(idx[:half], seqs, rows, culprits)
+        self._bisect(idx[half:], seqs, rows, culprits)
+
+    def _fail(self, request: Request, reason: str) -> RequestOutput:
+        """End `request` now (blocks and adapter reference freed) with an error output."""
+        log.error("request %s failed: %s", request.request_id, reason)
+        g = self._gens.pop(request.request_id)
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        if request.adapter is not None:
+            self.adapters.release(request.adapter)
+        return RequestOutput(
+            request_id=request.request_id, adapter=g.adapter_name, text="", token_ids=[], logprobs=[],
+            finished=True, finish_reason="error", num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_ids), error=reason,
+        )
+
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        # chunks: the N chunks that sample; logits: [N, V]
+        gens = [self._gens[c.request.request_id] for c in chunks]
+        if not gens:
+            return []
         # EOS may not end a request before min_tokens
         suppress = [
             tuple(g.stop_ids) if len(g.request.output_ids) < g.request.sampling.min_tokens else ()
@@ -205,37 +297,48 @@ class Engine:
         now = time.monotonic()
         outputs = []
         for g, s in zip(gens, sampled):
-            req = g.request
-            req.output_ids.append(s.token)
-            if g.first_token_time is None:
-                g.first_token_time = now
-            status = None
-            text, stopped = g.detok.add(s.token) if g.detok is not None else ("", False)
-            if s.token in g.stop_ids:
-                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, s.token
-            elif stopped:
-                status = RequestStatus.FINISHED_STOPPED
-            elif len(req.output_ids) >= req.sampling.max_tokens or req.num_tokens >= self.context_len:
-                status = RequestStatus.FINISHED_LENGTH
-            if status is not None:
-                if g.detok is not None and not stopped:
-                    text += g.detok.flush()
-                self.scheduler.finish(req, status)
-                del self._gens[req.request_id]
-                if req.adapter is not None:
-                    self.adapters.release(req.adapter)
-            outputs.append(RequestOutput(
-                request_id=req.request_id,
-                adapter=g.adapter_name,
-                text=text,
-                token_ids=[s.token],
-                logprobs=[(s.token, s.logprob, s.top)] if req.sampling.logprobs is not None else [],
-                finished=status is not None,
-                finish_reason=status.finish_reason if status is not None else None,
-                num_prompt_tokens=req.num_prompt_tokens,
-                num_output_tokens=len(req.output_ids),
-            ))
+            if isinstance(s, SampleFailed):
+                outputs.append(self._fail(g.request, s.reason))
+                continue
+            try:
+                outputs.append(self._advance(g, s.token, s.logprob, s.top, now))
+            except Exception:
+                log.exception("postprocessing request %s failed", g.request.request_id)
+                outputs.append(self._fail(g.request, "the output could not be processed"))
         return outputs
+
+    def _advance(self, g: _Generation, token: int, logprob: float, top, now: float) -> RequestOutput:
+        """Append the sampled token; decide whether the request stops."""
+        req = g.request
+        text, stopped = g.detok.add(token) if g.detok is not None else ("", False)
+        req.output_ids.append(token)
+        if g.first_token_time is None:
+            g.first_token_time = now
+        status = None
+        if token in g.stop_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif stopped:
+            status = RequestStatus.FINISHED_STOPPED
+        elif len(req.output_ids) >= req.sampling.max_tokens or req.num_tokens >= self.context_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            if g.detok is not None and not stopped:
+                text += g.detok.flush()
+            self.scheduler.finish(req, status)
+            del self._gens[req.request_id]
+            if req.adapter is not None:
+                self.adapters.release(req.adapter)
+        return RequestOutput(
+            request_id=req.request_id,
+            adapter=g.adapter_name,
+            text=text,
+            token_ids=[token],
+            logprobs=[(token, logprob, top)] if req.sampling.logprobs is not None else [],
+            finished=status is not None,
+            finish_reason=status.finish_reason if status is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_ids),
+        )
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:
         """Step until every request finishes; outputs grouped by request."""
@@ -347,7 +450,7 @@ class AsyncEngine:
                     self._deliver(request_id, RuntimeError(f"engine step failed: {type(exc).__name__}"))
                 continue
             for output in outputs:
-                self._deliver(output.request_id, output)
+                self._deliver(output.request_id, RequestFailed(output.error) if output.error else output)
             if self.on_step is not None:
                 try:
                     self.on_step(self.engine, outputs)

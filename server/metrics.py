@@ -7,16 +7,24 @@ One `Metrics` per app, on its own CollectorRegistry. Two feeds:
 - `RequestTimer` runs in the event loop, one per HTTP request: TTFT,
   inter-token latency, end-to-end latency and the finish reason.
 prometheus_client's metrics are thread-safe, so the two never lock each other.
+
+Per-adapter series exist only for registered adapters (`track_adapter`,
+`forget_adapter`, both called in the engine thread): a deleted adapter's
+series go with it, every per-request mix counts under the one label "mix",
+and a client can never add a label value by sending requests.
 """
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
+from server.adapter_math import MIX_NAME_PREFIX
 from server.adapter_pool import TierUsage
 
 P = "loramux:"
+MIX_LABEL = "mix"
+_FINISH_REASONS = ("stop", "length", "abort", "error")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0)
@@ -81,15 +89,42 @@ class Metrics:
                                           "Adapters a load found already in a tier thanks to prefetch "
                                           "(device: resident when its step came; host: copied from host memory)",
                                           ["tier"], registry=r)
+        self.adapter_refs = Gauge(P + "adapter_refs", "References held on adapters by unfinished requests "
+                                  "and per-request mixes (0 when idle)", registry=r)
+        self.mix_bytes = Gauge(P + "adapter_mix_bytes", "Bytes of per-request mixes held or being built",
+                               registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
+        self._tracked: set[str] = set()  # registered adapter names: the only per-adapter label values
         self._preemptions_seen = 0
         self._seen_running: set[str] = set()  # request ids already scheduled once
         self._adapters_seen: set[str] = set()
         self._tier_seen: dict[str, TierUsage] = {}
         self._last_info: tuple | None = None
-        for reason in ("stop", "length", "abort"):
+        for reason in _FINISH_REASONS:
             self.success.labels(reason)
 
     # -- engine thread ------------------------------------------------------
+
+    def track_adapter(self, name: str) -> None:
+        """`name` is registered: it gets per-adapter series."""
+        self._tracked.add(name)
+
+    def forget_adapter(self, name: str) -> None:
+        """`name` is deleted: its per-adapter series are removed."""
+        self._tracked.discard(name)
+        self._adapters_seen.discard(name)
+        for metric in (self.adapter_running, self.adapter_waiting, self.adapter_tokens):
+            _remove(metric, name)
+        for reason in _FINISH_REASONS:
+            _remove(self.adapter_success, name, reason)
+
+    def _label(self, name: str | None) -> str | None:
+        """The adapter label of a request for adapter `name`; None: not counted per adapter."""
+        if name is None:
+            return ""
+        if name in self._tracked:
+            return name
+        return MIX_LABEL if name.startswith(MIX_NAME_PREFIX) else None
 
     def on_step(self, engine, outputs) -> None:
         sched, now = engine.scheduler, time.monotonic()
@@ -103,22 +138,26 @@ class Metrics:
         running, waiting = {}, {}
         for req in sched.running:
             info = engine.request_info(req.request_id)
-            name = (info[0] if info is not None else None) or ""
-            running[name] = running.get(name, 0) + 1
+            name = self._label(info[0]) if info is not None else None
+            if name is not None:
+                running[name] = running.get(name, 0) + 1
             if req.request_id not in self._seen_running:
                 self._seen_running.add(req.request_id)
                 if info is not None:
                     self.queue_time.observe(now - info[1])
         for req in sched.waiting:
             info = engine.request_info(req.request_id)
-            name = (info[0] if info is not None else None) or ""
-            waiting[name] = waiting.get(name, 0) + 1
+            name = self._label(info[0]) if info is not None else None
+            if name is not None:
+                waiting[name] = waiting.get(name, 0) + 1
         self._seen_running.intersection_update(r.request_id for r in (*sched.running, *sched.waiting))
         for name in self._adapters_seen | running.keys() | waiting.keys():
             self.adapter_running.labels(name).set(running.get(name, 0))
             self.adapter_waiting.labels(name).set(waiting.get(name, 0))
         self._adapters_seen |= running.keys() | waiting.keys()
-        info = (",".join(sorted(n for n in running if n)), ",".join(sorted(n for n in waiting if n)))
+        # vLLM's info gauge names registered adapters only (routers match them to models)
+        info = (",".join(sorted(n for n in running if n and n != MIX_LABEL)),
+                ",".join(sorted(n for n in waiting if n and n != MIX_LABEL)))
         if info != self._last_info:
             if self._last_info is not None:
                 self.lora_info.remove(*self._last_info, str(self.max_loras))
@@ -130,9 +169,14 @@ class Metrics:
             if out.num_output_tokens == n:  # the request's first output
                 self.prompt_tokens.inc(out.num_prompt_tokens)
             self.generation_tokens.inc(n)
-            self.adapter_tokens.labels(out.adapter or "").inc(n)
+            label = self._label(out.adapter)
+            if label is None:
+                continue
+            self.adapter_tokens.labels(label).inc(n)
             if out.finished:
-                self.adapter_success.labels(out.adapter or "", out.finish_reason).inc()
+                self.adapter_success.labels(label, out.finish_reason).inc()
+        self.adapter_refs.set(engine.adapters.total_refs())
+        self.mix_bytes.set(engine.adapters.mix_bytes())
         self._observe_pool(engine)
 
     def _observe_pool(self, engine) -> None:
@@ -155,6 +199,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never had that series
+        pass
 
 
 class RequestTimer:

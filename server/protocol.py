@@ -13,11 +13,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.adapter_math import MAX_ADAPTER_WEIGHT
 from server.sampling import MAX_STOP_STRINGS
 
 MAX_N = 8  # completions per request
 MAX_LOGPROBS = 20
 MAX_MIX = 16  # adapters in one per-request mix or merge
+MAX_STOP_TOKEN_IDS = 256
+INT64 = (-(2**63), 2**63 - 1)
+# Every float a request carries must be finite: NaN and inf (which Python's
+# JSON reader accepts) are a 400 naming the field, never a value the engine sees.
+_STRICT = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------
@@ -46,21 +52,23 @@ class StreamOptions(BaseModel):
 class AdapterWeight(BaseModel):
     """One adapter of a per-request mix (loramux extension)."""
 
+    model_config = _STRICT
+
     name: str
-    weight: float = Field(1.0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
 
 
 class _SamplingFields(BaseModel):
     """Fields completions and chat share (OpenAI's names and defaults)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str
     n: int = Field(1, ge=1, le=MAX_N)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -69,10 +77,10 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT64[1])
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # range: Engine.check_request
     # loramux extension: serve this request with Σ weight_i · ΔW_i of these
     # adapters (ranks concatenated); `model` then names the base model
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_MIX)
@@ -315,13 +323,17 @@ class AdapterList(BaseModel):
 
 
 class MergeSource(BaseModel):
+    model_config = _STRICT
+
     adapter: str
-    weight: float = Field(1.0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
 
 
 class MergeRequest(BaseModel):
     """POST /v1/adapters/merge: store Σ weight_i · ΔW_i as a new adapter.
     concat: exact, rank Σ r_i; svd: truncated to `rank` per module."""
+
+    model_config = _STRICT
 
     name: str
     sources: list[MergeSource] = Field(min_length=1, max_length=MAX_MIX)

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_STOP_STRINGS = 16
+# Below this a temperature is greedy (as vLLM does): dividing logits by a
+# tinier one overflows them to inf, and the softmax of that is NaN.
+GREEDY_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class SamplingParams:
             raise ValueError("max_tokens must be at least 1")
         if not 0.0 <= self.temperature <= 2.0 or self.temperature != self.temperature:
             raise ValueError("temperature must be between 0 and 2")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # NaN fails this too
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < -1:
             raise ValueError("top_k must be -1, 0 (off) or positive")
@@ -38,10 +42,12 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError("seed must be a 64-bit integer")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -51,10 +57,12 @@ class SampleState:
     generator: torch.Generator | None = None
 
     @classmethod
-    def for_params(cls, params: SamplingParams) -> "SampleState":
+    def for_params(cls, params: SamplingParams, device: torch.device | str = "cpu") -> "SampleState":
+        """`device` is where the logits live: torch.multinomial wants a
+        generator on the device of its input."""
         if params.greedy:
             return cls()
-        g = torch.Generator()
+        g = torch.Generator(device=device)
         if params.seed is not None:
             g.manual_seed(params.seed)
         else:
@@ -69,6 +77,13 @@ class Sampled:
     top: tuple[tuple[int, float], ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class SampleFailed:
+    """A row that could not be sampled; it ends that request only."""
+
+    reason: str
+
+
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     # logits: [V] float32 -> the same with excluded tokens at -inf
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -77,8 +92,10 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p
+        # drop a token when the mass before it already reaches top_p; the most
+        # likely token always stays (a tiny top_p would otherwise drop all)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits
@@ -89,29 +106,46 @@ def sample(
     params: list[SamplingParams],
     states: list[SampleState],
     suppress: list[tuple[int, ...]] | None = None,
-) -> list[Sampled]:
+) -> list[Sampled | SampleFailed]:
     """One token per row of logits [N, V] (float32); `suppress` lists token
-    ids a row may not produce yet (EOS before min_tokens)."""
+    ids a row may not produce yet (EOS before min_tokens).
+
+    Rows are independent: a row whose logits are not finite (a broken
+    adapter), or whose sampling raises, gives SampleFailed and every other
+    row is sampled exactly as it would have been without it."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     if suppress is not None:
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")
     greedy_tokens = logits.argmax(dim=-1).tolist()
     # log-softmax over the vocabulary only for the rows that report logprobs
-    wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+    wants = [i for i, p in enumerate(params) if p.logprobs is not None and finite[i]]
     logprobs = dict(zip(wants, torch.log_softmax(logits[wants], dim=-1))) if wants else {}
-    out = []
+    out: list[Sampled | SampleFailed] = []
     for i, (p, st) in enumerate(zip(params, states)):
-        if p.greedy:
-            token = greedy_tokens[i]
-        else:
-            row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-            token = int(torch.multinomial(row.softmax(-1), 1, generator=st.generator))
-        top, logprob = (), float("nan")
-        if i in logprobs:
-            logprob = float(logprobs[i][token])
-            if p.logprobs:
-                vals, idx = torch.topk(logprobs[i], p.logprobs)
-                top = tuple(zip(idx.tolist(), vals.tolist()))
-        out.append(Sampled(token, logprob, top))
+        if not finite[i]:
+            out.append(SampleFailed("the model produced non-finite logits for this request"))
+            continue
+        try:
+            out.append(_sample_row(logits[i], greedy_tokens[i], p, st, logprobs.get(i)))
+        except (RuntimeError, ValueError) as exc:  # torch's errors for a row it cannot sample
+            out.append(SampleFailed(f"sampling failed: {type(exc).__name__}"))
     return out
+
+
+def _sample_row(row: torch.Tensor, greedy_token: int, p: SamplingParams, st: SampleState,
+                logprobs: torch.Tensor | None) -> Sampled:
+    # row: [V] float32; logprobs: [V] or None
+    if p.greedy:
+        token = greedy_token
+    else:
+        probs = _filter(row / p.temperature, p.top_k, p.top_p).softmax(-1)
+        token = int(torch.multinomial(probs, 1, generator=st.generator))
+    top, logprob = (), float("nan")
+    if logprobs is not None:
+        logprob = float(logprobs[token])
+        if p.logprobs:
+            vals, idx = torch.topk(logprobs, p.logprobs)
+            top = tuple(zip(idx.tolist(), vals.tolist()))
+    return Sampled(token, logprob, top)
