@@ -284,6 +284,26 @@ def _sse(obj) -> str:
     return f"data: {payload}\n\n"
 
 
+def build_sampling(body, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+    """The SamplingParams of choice `seed_offset` of a validated completions or
+    chat body; ApiError 400 for values that pass the schema but not the sampler."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),
+            seed=None if body.seed is None else body.seed + seed_offset,
+            stop=body.stop_strings(),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+
+
 # ---------------------------------------------------------------------------
 # the app
 # ---------------------------------------------------------------------------
@@ -357,21 +377,7 @@ def create_app(state: ServerState) -> FastAPI:
                         seed_offset: int) -> SamplingParams:
         if max_tokens is None:
             max_tokens = max(1, min(core.context_len, kv_tokens) - prompt_len)
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=max(0, body.top_k or 0),
-                seed=None if body.seed is None else body.seed + seed_offset,
-                stop=body.stop_strings(),
-                stop_token_ids=tuple(body.stop_token_ids or ()),
-                ignore_eos=body.ignore_eos,
-                min_tokens=body.min_tokens,
-                logprobs=logprobs,
-            )
-        except ValueError as exc:
-            raise ApiError(400, str(exc), code="invalid_value") from None
+        return build_sampling(body, max_tokens, logprobs, seed_offset)
 
     def plan(body, prompts: list[list[int]], max_tokens, logprobs, adapter) -> list[_Job]:
         """The engine requests of one HTTP request, each checked; 429 before
