@@ -131,26 +131,55 @@ class Gate:
                 return await error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
                                             code="invalid_api_key")(scope, receive, send)
         settings = self.state.settings
-        if scope["path"] == "/v1/adapters":
-            too_large = ApiError(413, f"the upload is larger than the limit of {settings.max_upload_bytes} bytes",
-                                 code="upload_too_large")
-            cap = settings.max_upload_bytes
-        else:
-            too_large = ApiError(413, f"the request body is larger than the limit of {settings.max_request_bytes} "
-                                      "bytes (--max-request-bytes)", code="request_too_large")
-            cap = settings.max_request_bytes
+        upload = scope["path"] == "/v1/adapters"
+        cap = settings.max_upload_bytes if upload else settings.max_request_bytes
+        too_large = ApiError(413, f"the upload is larger than the limit of {cap} bytes", code="upload_too_large") \
+            if upload else ApiError(413, f"the request body is larger than the limit of {cap} bytes "
+                                         "(--max-request-bytes)", code="request_too_large")
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > cap:
             return await error_response(413, too_large.message, code=too_large.code)(scope, receive, send)
+        if upload:  # the upload route streams its body (to temporary files): stop it at the cap
+            receive = _capped_receive(receive, cap, too_large)
+        else:  # bodies parsed whole: read under the cap here, so no parser ever sees more
+            body = await _read_body(receive, cap)
+            if body is None:
+                return await error_response(413, too_large.message, code=too_large.code)(scope, receive, send)
+            receive = _replay(body, receive)
         self.state.inflight += 1
         try:
-            await self.app(scope, _capped_receive(receive, cap, too_large), send)
+            await self.app(scope, receive, send)
         finally:
             self.state.inflight -= 1
 
 
+async def _read_body(receive, cap: int) -> dict | None:
+    """The request's body as one http.request message, or None past `cap` bytes."""
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return message
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > cap:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+
+def _replay(first: dict, receive):
+    pending = [first]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
 def _capped_receive(receive, cap: int, too_large: ApiError):
-    """`receive` that stops a body (e.g. chunked, with no length) at `cap` bytes with a 413."""
+    """`receive` that stops a streamed body at `cap` bytes with a 413."""
     total = 0
 
     async def capped():
