@@ -4,8 +4,9 @@
 #
 #     bash bench/gpu_check.sh
 #
-# 1. the Triton kernel tests on CUDA (tests/test_kernels_triton.py imports
-#    only torch, triton, kernels, pytest);
+# 1. the Triton kernel tests and the sampler's seeded-generator tests on CUDA
+#    (tests/test_kernels_triton.py and tests/test_sampling.py import only
+#    torch, triton, kernels, server.sampling, pytest);
 # 2. the kernel benchmark (bench/kernels.py): the two H200 targets first,
 #    then a sweep of decode/prefill shapes cut off by a time budget;
 # 3. a summary table, last.
@@ -23,7 +24,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 
 echo "== tests (CUDA) =="
 if python3 -c 'import pytest' 2>/dev/null; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py 2>&1 | tee "$work/tests.txt"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_sampling.py 2>&1 | tee "$work/tests.txt"
     tests_rc=${PIPESTATUS[0]}
     tests_line=$(grep -E '(passed|failed|error)' "$work/tests.txt" | tail -1)
 else

@@ -22,7 +22,7 @@ from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import BlockAllocator
 from server.model_runner import KVCache, ModelRunner, SeqChunk
 from server.request import Request, RequestStatus
-from server.sampling import SampleFailed, SampleState, SamplingParams, sample
+from server.sampling import Sampled, SampleFailed, SampleState, SamplingParams, sample
 from server.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger("loramux.engine")
@@ -293,7 +293,11 @@ class Engine:
             tuple(g.stop_ids) if len(g.request.output_ids) < g.request.sampling.min_tokens else ()
             for g in gens
         ]
-        sampled = sample(logits, [g.request.sampling for g in gens], [g.sampler for g in gens], suppress)
+        try:
+            sampled = sample(logits, [g.request.sampling for g in gens], [g.sampler for g in gens], suppress)
+        except Exception:  # a bug in the batched part: sample row by row, so only a failing row fails
+            log.exception("sampling a batch of %d rows failed; sampling them one by one", len(gens))
+            sampled = [self._sample_one(logits[i:i + 1], g, suppress[i]) for i, g in enumerate(gens)]
         now = time.monotonic()
         outputs = []
         for g, s in zip(gens, sampled):
@@ -306,6 +310,14 @@ class Engine:
                 log.exception("postprocessing request %s failed", g.request.request_id)
                 outputs.append(self._fail(g.request, "the output could not be processed"))
         return outputs
+
+    @staticmethod
+    def _sample_one(row: torch.Tensor, g: _Generation, suppress: tuple[int, ...]) -> Sampled | SampleFailed:
+        # row: [1, V]
+        try:
+            return sample(row, [g.request.sampling], [g.sampler], [suppress])[0]
+        except Exception as exc:
+            return SampleFailed(f"sampling failed: {type(exc).__name__}")
 
     def _advance(self, g: _Generation, token: int, logprob: float, top, now: float) -> RequestOutput:
         """Append the sampled token; decide whether the request stops."""

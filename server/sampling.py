@@ -114,7 +114,8 @@ def sample(
     adapter), or whose sampling raises, gives SampleFailed and every other
     row is sampled exactly as it would have been without it."""
     finite = torch.isfinite(logits).all(dim=-1).tolist()
-    if suppress is not None:
+    if suppress is not None and any(suppress):
+        logits = logits.clone()  # the model's output may be an inference tensor: never written in place
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")

@@ -82,7 +82,12 @@ def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
             refs[name] = peft_model(base_dir, paths[name] if name else None)
         with torch.no_grad():
             want = refs[name](torch.tensor([prompts[i]])).logits[0, -1]
-        torch.testing.assert_close(logits[k], want, atol=1e-4, rtol=1e-4, msg=f"row for {name} ({kind}, {path})")
+        # float32, summed in another order than PEFT's (fused qkv, the LoRA
+        # delta added per group): up to 2.3e-4 apart on an AMD EPYC for the
+        # qwen2 rows (1e-4 sufficed on Xeon); a wrong scale, row scale or a
+        # missing row moves these logits by far more than 1e-3
+        torch.testing.assert_close(logits[k], want, atol=1e-3, rtol=1e-3,
+                                   msg=lambda m, name=name: f"row for {name} ({kind}, {path}): {m}")
 
 
 @pytest.mark.parametrize("dora_setup", ["llama"], indirect=True)  # one architecture is enough here

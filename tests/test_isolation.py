@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -245,15 +244,3 @@ def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(llm):
     assert batch[0].token_ids == alone
     assert len(set(map(tuple, [llm.generate([[70, 71, 72]], SamplingParams(
         max_tokens=8, temperature=0.9, seed=s, ignore_eos=True), ["d1"])[0].token_ids for s in range(4)]))) > 1
-
-
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_sampler_generators_live_on_the_device_of_the_logits(device):
-    from server.sampling import SampleState, sample
-
-    params = SamplingParams(max_tokens=4, temperature=0.8, seed=7)
-    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)).to(device)
-    first = sample(logits.clone(), [params] * 3, [SampleState.for_params(params, logits.device) for _ in range(3)])
-    again = sample(logits.clone(), [params] * 3, [SampleState.for_params(params, logits.device) for _ in range(3)])
-    assert [s.token for s in first] == [s.token for s in again]
-    assert all(hasattr(s, "token") for s in first)
