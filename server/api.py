@@ -248,6 +248,20 @@ class _Fanout:
         self.open.clear()
 
 
+class _ReleasingStream(StreamingResponse):
+    """An SSE response that runs `release` when it ends, however it ends."""
+
+    def __init__(self, content, release):
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release()
+
+
 def _engine_error(exc: Exception) -> ApiError:
     if isinstance(exc, QueueFull):
         return ApiError(429, "the server is busy: too many requests waiting", code="queue_full")
@@ -489,20 +503,32 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, str(exc).strip("'\""), "adapters", "invalid_mix") from None
         return name, key
 
-    async def sse_stream(events, fan, mix):
+    def sse_response(events, fan: _Fanout, mix) -> StreamingResponse:
         """The SSE envelope of completions and chat: the events, an error event if
-        the engine fails mid-stream, then [DONE]; the fan-out and any per-request
-        mix are released however the stream ends (the client may go away)."""
-        try:
-            async for event in events:
-                yield event
-        except ApiError as exc:
-            yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
-                exc.status, "error"), param=exc.param, code=exc.code)))
-        finally:
-            fan.cancel()
-            await release_mix(mix)
-        yield "data: [DONE]\n\n"
+        the engine fails mid-stream, then [DONE]. The fan-out and any per-request
+        mix are released however the response ends, once: also when the client
+        leaves before the first byte, when the event generator never starts."""
+        released = False
+
+        async def release():
+            nonlocal released
+            if not released:
+                released = True
+                fan.cancel()
+                await release_mix(mix)
+
+        async def stream():
+            try:
+                async for event in events:
+                    yield event
+            except ApiError as exc:
+                yield _sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=_ERROR_TYPES.get(
+                    exc.status, "error"), param=exc.param, code=exc.code)))
+            finally:
+                await release()
+            yield "data: [DONE]\n\n"
+
+        return _ReleasingStream(stream(), release)
 
     async def release_mix(mix: tuple[str, str] | None) -> None:
         if mix is not None:
@@ -573,7 +599,7 @@ def create_app(state: ServerState) -> FastAPI:
                     yield _sse(CompletionResponse(id=rid, created=created, model=body.model, choices=[],
                                                   usage=usage(jobs, finals)))
 
-            return StreamingResponse(sse_stream(events(), fan, mix), media_type="text/event-stream")
+            return sse_response(events(), fan, mix)
 
         results = await _collect(request, fan)  # choice index -> its outputs
         choices = [CompletionChoice(
@@ -653,7 +679,7 @@ def create_app(state: ServerState) -> FastAPI:
                 if include_usage:
                     yield chunk([], usage(jobs, finals))
 
-            return StreamingResponse(sse_stream(events(), fan, mix), media_type="text/event-stream")
+            return sse_response(events(), fan, mix)
 
         results = await _collect(request, fan)  # choice index -> its outputs
         choices = [ChatChoice(
