@@ -111,3 +111,14 @@ def upload(http: httpx.Client, name: str, config: bytes, weights: bytes, **kw) -
 def upload_dir(http: httpx.Client, name: str, folder: Path) -> httpx.Response:
     return upload(http, name, (folder / "adapter_config.json").read_bytes(),
                   (folder / "adapter_model.safetensors").read_bytes())
+
+
+def make_api_files(root: Path) -> Path:
+    """What the HTTP tests serve: a tiny chat model (root/base) and two PEFT
+    adapters under root/allowed: a1 (r=8, all seven modules) and a2 (r=4, q,v)."""
+    from tiny import make_adapter, make_chat_model
+
+    make_chat_model(root / "base")
+    make_adapter(root / "base", root / "allowed" / "a1", r=8, alpha=16, seed=1)
+    make_adapter(root / "base", root / "allowed" / "a2", r=4, alpha=8, seed=2, target_modules=("q_proj", "v_proj"))
+    return root

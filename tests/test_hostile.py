@@ -21,8 +21,8 @@ import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from live_server import BASE, KEY, ROOT, Server, assert_error, assert_serving, upload, upload_dir
-from tiny import make_adapter, make_chat_model
+from live_server import BASE, KEY, ROOT, Server, assert_error, assert_serving, make_api_files, upload, upload_dir
+from tiny import make_adapter
 
 VICTIM_TOKENS = 48
 VICTIMS = [  # (model, extra body)
@@ -35,10 +35,7 @@ VICTIMS = [  # (model, extra body)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    make_chat_model(root / "base")
-    make_adapter(root / "base", root / "allowed" / "a1", r=8, alpha=16, seed=1)
-    make_adapter(root / "base", root / "allowed" / "a2", r=4, alpha=8, seed=2, target_modules=("q_proj", "v_proj"))
+    root = make_api_files(tmp_path_factory.mktemp("hostile"))
     make_adapter(root / "base", root / "allowed" / "d1", r=4, alpha=8, seed=3, use_dora=True)
     make_adapter(root / "base", root / "allowed" / "p1", r=4, alpha=8, seed=4)
     return root

@@ -30,9 +30,8 @@ from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from live_server import AUTH, BASE, Server, upload_dir
+from live_server import AUTH, BASE, Server, make_api_files, upload_dir
 from server.protocol import MAX_N
-from tiny import make_adapter, make_chat_model
 
 ADAPTERS = ("a1", "a2")
 TARGETS = (BASE, *ADAPTERS)  # what `model` becomes when steered
@@ -44,10 +43,7 @@ GENERATION = ("/v1/completions", "/v1/chat/completions")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("schemathesis")
-    make_chat_model(root / "base")
-    make_adapter(root / "base", root / "allowed" / "a1", r=8, alpha=16, seed=1)
-    make_adapter(root / "base", root / "allowed" / "a2", r=4, alpha=8, seed=2, target_modules=("q_proj", "v_proj"))
+    root = make_api_files(tmp_path_factory.mktemp("schemathesis"))
     return root
 
 
