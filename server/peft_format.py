@@ -513,8 +513,12 @@ def _parse_config(config_bytes: bytes) -> dict:
 
 
 def _check_not_pickle(data: bytes) -> None:
-    # Protocol 2+ pickles start with 0x80; torch.save writes a zip archive.
-    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+    # Protocol 2+ pickles start with 0x80 and a protocol byte; torch.save
+    # writes a zip archive. A safetensors file starts with its header length
+    # (u64, little-endian: its first byte may well be 0x80) and then "{".
+    if data[8:9] == b"{":
+        return
+    if (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04":
         raise AdapterError(
             f"{WEIGHTS_NAME}: this is a pickled (torch.save) file, which is never loaded; "
             "only safetensors adapter weights are accepted", WEIGHTS_NAME)

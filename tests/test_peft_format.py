@@ -529,6 +529,21 @@ def test_pickled_weights_are_never_loaded(model_cfg, good, tmp_path, kind):
     assert not marker.exists()
 
 
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(model_cfg, good):
+    """A header of 0x..80 bytes makes the file's first byte 0x80, like a pickle's
+    (found by bench/soak.py: one of three SmolLM2 adapters was refused)."""
+    config, tensors = good
+    weights = st_save(tensors, metadata={"pad": ""})
+    n = struct.unpack("<Q", weights[:8])[0]
+    pad = (0x80 - n % 256) % 256 or 256
+    weights = st_save(tensors, metadata={"pad": "x" * pad})
+    while weights[0] != 0x80:  # safetensors pads its header to 8 bytes: nudge until the low byte is 0x80
+        pad += 1
+        weights = st_save(tensors, metadata={"pad": "x" * pad})
+    adapter = parse_peft_adapter(json.dumps(config).encode(), weights, model_cfg, MAX_RANK, "x")
+    assert len(adapter.modules) == 4
+
+
 def test_folder_with_only_adapter_model_bin(model_cfg, good, tmp_path):
     config, _ = good
     marker = tmp_path / "unpickled"
