@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/loramux serve --adapter-dir adapters_store
+	$(BIN)/loramux serve --data-dir data
 
 # tests/test_prometheus.py starts a real Prometheus (Debian's package)
 PROMETHEUS := $(shell command -v prometheus 2>/dev/null)

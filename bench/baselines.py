@@ -10,15 +10,15 @@ token, as `ignore_eos` in loramux and vLLM), float32 by default.
   requests in arrival order, `generate(..., adapter_names=[...])`;
 - merged:      merged weights per adapter: merge it into the base, run its
   requests, unmerge;
-- loramux:     the offline engine (server.llm.LLM, continuous batching over all
+- loramux:     the offline engine (loramux.server.llm.LLM, continuous batching over all
   adapters at once) in this same process: no HTTP, so the ratios measure the
   engines, not the transport. (bench/load_test.py measures the HTTP server.)
 
 Timing covers generation; for peft-single it includes loading each adapter
 (that is its cost); the other systems load every adapter before the clock.
 
-    .venv/bin/python -m bench.baselines --num-adapters 64 --popularity zipf --num-requests 128
-    .venv/bin/python -m bench.baselines --smoke   # tiny random model: outputs must equal loramux's
+    .venv/bin/python -m loramux.bench.baselines --num-adapters 64 --popularity zipf --num-requests 128
+    .venv/bin/python -m loramux.bench.baselines --smoke   # tiny random model: outputs must equal loramux's
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.load_test import POPULARITIES, Length, RequestSpec, Workload
+from loramux.bench.load_test import POPULARITIES, Length, RequestSpec, Workload
 
 SYSTEMS = ("peft-single", "peft-mixed", "merged")
 
@@ -45,7 +45,7 @@ def make_tiny_model(folder: Path, seed: int = 0) -> Path:
     """A tiny random Llama with the default model's tokenizer (about 25 MB)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from server.loader import resolve_model_dir
+    from loramux.server.model.loader import resolve_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(None))
     config = LlamaConfig(
@@ -70,9 +70,9 @@ def make_adapters(model_dir: Path, out: Path, names: list[str], ranks: list[int]
     adapter i gets rank ranks[i % len(ranks)] and lora_alpha = alpha_scale * rank."""
     from transformers import AutoConfig
 
-    from bench.common import random_adapter
-    from server.config import ModelConfig
-    from server.peft_format import save_peft_adapter
+    from loramux.bench.common import random_adapter
+    from loramux.server.config import ModelConfig
+    from loramux.adapters_store.peft_format import save_peft_adapter
 
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
     folders = {}
@@ -235,8 +235,8 @@ class HFBaselines:
 
 def run_loramux(model_dir: Path, adapters: dict[str, Path], specs: list[RequestSpec], prompts: list[list[int]],
                 dtype: str, engine_options: dict, warmup: bool) -> Run:
-    from server.llm import LLM
-    from server.sampling import SamplingParams
+    from loramux.server.llm import LLM
+    from loramux.server.engine.sampling import SamplingParams
 
     llm = LLM(model=str(model_dir), dtype=dtype, adapters={n: str(p) for n, p in adapters.items()},
               **engine_options)
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smoke: {len(adapters)} requests, every baseline's greedy tokens equal loramux's")
         return 0
 
-    from server.loader import resolve_model_dir
+    from loramux.server.model.loader import resolve_model_dir
 
     model_dir = Path(args.model) if args.model else resolve_model_dir(None)
     with tempfile.TemporaryDirectory() as tmp:

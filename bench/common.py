@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from server.config import LORA_MODULES, ModelConfig
-from server.peft_format import LoraAdapter, ModuleLora
+from loramux.server.config import LORA_MODULES, ModelConfig
+from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora
 
 
 def random_adapter(cfg: ModelConfig, name: str, rank: int = 16, seed: int = 0,

@@ -4,8 +4,8 @@
   * loramux, the same requests on the base model alone
   * HF PEFT, mixed-adapter batches: generate(adapter_names=...) in static batches
 
-    .venv/bin/python -m bench.engine_throughput            # 64 requests, 16 adapters, 128 in / 128 out
-    .venv/bin/python -m bench.engine_throughput --quick    # 16 requests, 8 adapters, 64 in / 32 out
+    .venv/bin/python -m loramux.bench.engine_throughput            # 64 requests, 16 adapters, 128 in / 128 out
+    .venv/bin/python -m loramux.bench.engine_throughput --quick    # 16 requests, 8 adapters, 64 in / 32 out
 
 Every system generates exactly max_tokens tokens per request (EOS ignored).
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from server.config import LORA_MODULES
-from server.llm import LLM
-from server.loader import resolve_model_dir
-from server.sampling import SamplingParams
+from loramux.server.config import LORA_MODULES
+from loramux.server.llm import LLM
+from loramux.server.model.loader import resolve_model_dir
+from loramux.server.engine.sampling import SamplingParams
 
 
 def zipf_choices(n_items: int, n: int, alpha: float, rng: random.Random) -> list[int]:

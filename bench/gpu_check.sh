@@ -6,7 +6,7 @@
 #
 # 1. the Triton kernel tests and the sampler's seeded-generator tests on CUDA
 #    (tests/test_kernels_triton.py and tests/test_sampling.py import only
-#    torch, triton, kernels, server.sampling, pytest);
+#    torch, triton, kernels, loramux.server.engine.sampling, pytest);
 # 2. the kernel benchmark (bench/kernels.py): the two H200 targets first,
 #    then a sweep of decode/prefill shapes cut off by a time budget;
 # 3. a summary table, last.
@@ -17,6 +17,11 @@ unset TRITON_INTERPRET LORAMUX_TRITON
 export PYTHONDONTWRITEBYTECODE=1
 work=$(mktemp -d)
 began=$SECONDS
+# Nothing is installed there: the import names loramux.* come from links to
+# the folders (what pyproject.toml's package-dir maps when installed).
+mkdir -p "$work/ns/loramux"
+for pkg in server kernels adapters_store bench; do ln -s "$PWD/$pkg" "$work/ns/loramux/$pkg"; done
+export PYTHONPATH="$work/ns${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== machine =="
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"

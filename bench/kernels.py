@@ -28,14 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name
-# would shadow the `kernels` package: put the repository root first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from kernels import cpu  # noqa: E402
-from kernels.segments import Segments, segments_from_runs  # noqa: E402
+from loramux.kernels import cpu
+from loramux.kernels.segments import Segments, segments_from_runs
 
 H200_BYTES_PER_S = 4.8e12
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -123,7 +119,7 @@ def make_problem(num_tokens, num_adapters, rank, in_f, widths, dtype, device, se
 
 
 def run_sgmv(p: Problem, out: torch.Tensor) -> None:
-    from kernels import sgmv
+    from loramux.kernels import sgmv
 
     h = sgmv.lora_shrink(p.x, p.a_pool, p.page_table, p.ranks, p.seg)
     sgmv.lora_expand(h, p.b_pool, p.page_table, p.ranks, p.scales, p.seg, out, p.offsets)

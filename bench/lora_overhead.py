@@ -4,7 +4,7 @@ adapters, and a prefill of 8 x 128 tokens likewise; float32 and bfloat16.
 The DoRA row: the same decode step over 8 DoRA adapters (the same A and B
 plus magnitude vectors) against the plain LoRA one (target <= 1.05).
 
-    .venv/bin/python -m bench.lora_overhead [--dtype bfloat16 float32] [--repeats 7] [--decode-only]
+    .venv/bin/python -m loramux.bench.lora_overhead [--dtype bfloat16 float32] [--repeats 7] [--decode-only]
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import dataclasses
 
 import torch
 
-from bench.common import interleaved_medians, random_adapter
-from server.adapter_pool import AdapterPool, DeviceLoraPool
-from server.engine import lora_pool_dtype
-from server.llm import DTYPES, load_base
-from server.model_runner import KVCache, ModelRunner, SeqChunk
+from loramux.bench.common import interleaved_medians, random_adapter
+from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.server.engine.engine import lora_pool_dtype
+from loramux.server.llm import DTYPES, load_base
+from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
 
 
 def measure(dtype: str, repeats: int, num_seqs=32, num_adapters=8, rank=16, ctx=128, prefill_len=128,

@@ -9,8 +9,8 @@ popularity; output tokens/s is reported relative to the same workload over
 disk -> device load latency for rank 16 (p50/p99), and the resident set
 size with N adapters registered against the configured budgets.
 
-    .venv/bin/python -m bench.many_adapters --quick     # 100 adapters, ~2 min
-    .venv/bin/python -m bench.many_adapters             # 1000 adapters (~20 GB on disk)
+    .venv/bin/python -m loramux.bench.many_adapters --quick     # 100 adapters, ~2 min
+    .venv/bin/python -m loramux.bench.many_adapters             # 1000 adapters (~20 GB on disk)
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import random_adapter
-from server.adapter_pool import AdapterPool, AdapterSource, DeviceLoraPool
-from server.config import EngineConfig
-from server.engine import Engine, lora_pool_dtype
-from server.llm import load_base
-from server.peft_format import LoraAdapter, ModuleLora, save_peft_adapter
-from server.sampling import SamplingParams
+from loramux.bench.common import random_adapter
+from loramux.adapters_store.pool import AdapterPool, AdapterSource, DeviceLoraPool
+from loramux.server.config import EngineConfig
+from loramux.server.engine.engine import Engine, lora_pool_dtype
+from loramux.server.llm import load_base
+from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, save_peft_adapter
+from loramux.server.engine.sampling import SamplingParams
 
 MAX_RANK = 32
 

@@ -69,7 +69,7 @@ wait_healthy() {  # url, seconds
     done
 }
 
-MODEL_DIR=$($PY -c 'from server.loader import resolve_model_dir; print(resolve_model_dir(None))')
+MODEL_DIR=$($PY -c 'from loramux.server.model.loader import resolve_model_dir; print(resolve_model_dir(None))')
 NAMES=()
 for i in $(seq 0 $((NUM_ADAPTERS - 1))); do NAMES+=("lora-$i"); done
 
@@ -78,7 +78,7 @@ make_adapters() {
     $PY - "$MODEL_DIR" "$OUT/adapters" "$RANK" "${NAMES[@]}" <<'EOF'
 import sys
 from pathlib import Path
-from bench.baselines import make_adapters
+from loramux.bench.baselines import make_adapters
 model, out, rank, names = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 missing = [n for n in names if not (out / n / "adapter_model.safetensors").exists()]
 if missing:
@@ -119,7 +119,7 @@ load_test() {  # label port [extra args]
     else
         read -r -a load <<<"--rate $RATES"
     fi
-    $PY -m bench.load_test --url "http://127.0.0.1:$port" --model base --adapter-names "$(IFS=,; echo "${NAMES[*]}")" \
+    $PY -m loramux.bench.load_test --url "http://127.0.0.1:$port" --model base --adapter-names "$(IFS=,; echo "${NAMES[*]}")" \
         --popularity "$POPULARITY" "${load[@]}" --num-requests "$NUM_REQUESTS" \
         --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --duration "$DURATION" --warmup 4 \
         --label "$label" --out "$OUT/$label.json" "$@"
@@ -150,4 +150,4 @@ start_loramux
 load_test loramux "$PORT_LORAMUX" "${uploads[@]}"
 stop_server
 
-$PY -m bench.load_test --compare "$OUT/vllm-cpu.json" "$OUT/loramux.json"
+$PY -m loramux.bench.load_test --compare "$OUT/vllm-cpu.json" "$OUT/loramux.json"

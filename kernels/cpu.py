@@ -64,7 +64,7 @@ def apply_lora(x, out, work, dora=()) -> None:
 
     a_t: [in, r*n] holds the adapter's A rows of all n slices; b_block:
     [r*n, out_total] holds each slice's scaled B rows in that slice's columns
-    (server/adapter_pool.py builds both once per adapter). Math in float32
+    (adapters_store/pool.py builds both once per adapter). Math in float32
     whatever the model dtype: tiny bf16 matmuls cost several times more than
     fp32 ones on a CPU. Batching the segments into one torch.bmm over pool
     views was measured slower than this loop for decode shapes (torch's CPU

@@ -1,7 +1,7 @@
 """Float32 torch definitions of the LoRA ops; every other implementation is
 tested against these.
 
-Weight layout (shared with server/adapter_pool.py and kernels/sgmv.py)
+Weight layout (shared with adapters_store/pool.py and kernels/sgmv.py)
 --------------------------------------------------------------------
 Adapter weights live in one pool of *pages*; a page holds ONE rank-row of a
 LoRA matrix, so adapters of rank 4 and rank 64 share a pool with no padding

@@ -1,6 +1,6 @@
 """loramux: one base LLM, many LoRA adapters, one batch.
 
-`from server import LLM` is the offline API. It is imported lazily so that
+`from loramux.server import LLM` is the offline API. It is imported lazily so that
 the plain-Python parts (scheduler, block allocator) load without torch.
 """
 
@@ -9,7 +9,7 @@ __all__ = ["LLM"]
 
 def __getattr__(name):
     if name == "LLM":
-        from server.llm import LLM
+        from loramux.server.llm import LLM
 
         return LLM
     raise AttributeError(name)

@@ -1,5 +1,5 @@
 """Command line: `loramux serve ...`, `loramux generate ...`, `loramux export-merged ...`, `loramux bench ...`
-(and `python -m server ...`)."""
+(and `python -m loramux.server ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,9 @@ import sys
 
 
 def _generate(args) -> int:
-    from server.llm import LLM
-    from server.peft_format import AdapterError
-    from server.sampling import SamplingParams
+    from loramux.server.llm import LLM
+    from loramux.adapters_store.peft_format import AdapterError
+    from loramux.server.engine.sampling import SamplingParams
 
     adapters = {}
     for spec in args.adapter:
@@ -37,8 +37,8 @@ def _generate(args) -> int:
 
 
 def _export_merged(args) -> int:
-    from server.adapter_math import export_merged
-    from server.peft_format import AdapterError
+    from loramux.adapters_store.arithmetic import export_merged
+    from loramux.adapters_store.peft_format import AdapterError
 
     try:
         out = export_merged(args.model, args.adapter, args.out)
@@ -69,13 +69,14 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    from server.adapter_pool import AdapterSource
-    from server.adapter_store import AdapterStore
-    from server.api import ServerSettings, ServerState, adapter_info, create_app
-    from server.config import EngineConfig
-    from server.engine import AsyncEngine, Engine
-    from server.llm import load_base, resolve_dtype
-    from server.metrics import Metrics
+    from loramux.adapters_store.pool import AdapterSource
+    from loramux.adapters_store.store import AdapterStore
+    from loramux.server.api.app import create_app
+    from loramux.server.api.state import ServerSettings, ServerState, adapter_info
+    from loramux.server.config import EngineConfig
+    from loramux.server.engine.engine import AsyncEngine, Engine
+    from loramux.server.llm import load_base, resolve_dtype
+    from loramux.server.metrics import Metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loramux.serve")
@@ -100,7 +101,8 @@ def _serve(args) -> int:
         return 1
     engine = Engine(net, tokenizer, config)
     metrics = Metrics(config.max_loras_per_batch)
-    store = AdapterStore(args.adapter_dir)
+    data_dir = Path(args.data_dir)
+    store = AdapterStore(args.adapter_dir or data_dir / "adapters")
     infos = {}
     for adapter, meta in store.iter_all(net.cfg, config.max_lora_rank):
         try:  # metadata only: the weights stay on disk until a request needs them
@@ -153,7 +155,7 @@ def _serve(args) -> int:
 
 def _bench(argv: list[str]) -> int:
     """bench/load_test.py (the bench package is installed with server/)."""
-    from bench import load_test
+    from loramux.bench import load_test
 
     return load_test.main(argv)
 
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--model", default="default", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     srv.add_argument("--device", default="cpu")
-    srv.add_argument("--adapter-dir", default="adapters_store", help="uploaded adapters live here")
+    srv.add_argument("--data-dir", default="data", help="runtime data (uploaded adapters under adapters/)")
+    srv.add_argument("--adapter-dir", default=None, help="where uploaded adapters live (default: DATA_DIR/adapters)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="required as `Authorization: Bearer KEY` on every route "

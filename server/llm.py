@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from server.config import EngineConfig, ModelConfig
-from server.engine import Engine
-from server.loader import load_safetensors_weights, resolve_model_dir
-from server.models.llama import LlamaModel
-from server.peft_format import load_peft_adapter
-from server.sampling import SamplingParams
+from loramux.server.config import EngineConfig, ModelConfig
+from loramux.server.engine.engine import Engine
+from loramux.server.model.loader import load_safetensors_weights, resolve_model_dir
+from loramux.server.model.llama import LlamaModel
+from loramux.adapters_store.peft_format import load_peft_adapter
+from loramux.server.engine.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

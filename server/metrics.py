@@ -19,8 +19,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from server.adapter_math import MIX_NAME_PREFIX
-from server.adapter_pool import TierUsage
+from loramux.adapters_store.arithmetic import MIX_NAME_PREFIX
+from loramux.adapters_store.pool import TierUsage
 
 P = "loramux:"
 MIX_LABEL = "mix"

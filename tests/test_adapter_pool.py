@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from server.adapter_pool import AdapterPool, AdapterSource, AdapterUnavailable, DeviceLoraPool, HostCache
-from server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, ModelConfig
-from server.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, save_peft_adapter
+from loramux.adapters_store.pool import AdapterPool, AdapterSource, AdapterUnavailable, DeviceLoraPool, HostCache
+from loramux.server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, ModelConfig
+from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, save_peft_adapter
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=16, intermediate_size=24, num_layers=2,
                   num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -175,7 +175,7 @@ def test_refs_released_and_names_are_digests():
 def test_folder_source_reads_back_and_checks_identity(tmp_path):
     a = synth(CFG, "f", 8, 3, modules=("q_proj", "v_proj", "down_proj"))
     save_peft_adapter(a, tmp_path / "f")
-    from server.peft_format import load_peft_adapter
+    from loramux.adapters_store.peft_format import load_peft_adapter
 
     parsed = load_peft_adapter(tmp_path / "f", CFG, 64, "f")
     source = AdapterSource.from_folder(tmp_path / "f", parsed, CFG, 64)
@@ -340,10 +340,10 @@ def many(tmp_path_factory):
 
 
 def _engine(root, cfg, adapters, pool_bytes, from_disk, **options):
-    from server.engine import Engine
-    from server.llm import DTYPES
-    from server.loader import load_safetensors_weights
-    from server.models.llama import LlamaModel
+    from loramux.server.engine.engine import Engine
+    from loramux.server.llm import DTYPES
+    from loramux.server.model.loader import load_safetensors_weights
+    from loramux.server.model.llama import LlamaModel
 
     model = LlamaModel(cfg, load_safetensors_weights(root / "base"), DTYPES["float32"])
     options = {"max_num_seqs": 32, **options}
@@ -356,7 +356,7 @@ def _engine(root, cfg, adapters, pool_bytes, from_disk, **options):
 
 
 def test_200_adapters_through_8_resident_equal_all_resident(many):
-    from server.sampling import SamplingParams
+    from loramux.server.engine.sampling import SamplingParams
 
     root, cfg, adapters = many
     page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
@@ -386,7 +386,7 @@ def test_200_adapters_through_8_resident_equal_all_resident(many):
 
 
 def test_abort_and_finish_release_their_adapters(many):
-    from server.sampling import SamplingParams
+    from loramux.server.engine.sampling import SamplingParams
 
     root, cfg, adapters = many
     page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes

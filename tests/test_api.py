@@ -48,14 +48,14 @@ def adapters(server, files):
 
 @pytest.fixture(scope="module")
 def offline(files):
-    from server.llm import LLM
+    from loramux.server.llm import LLM
 
     return LLM(model=str(files / "base"), dtype="float32",
                adapters={n: files / "allowed" / n for n in ("a1", "a2")})
 
 
 def greedy(max_tokens=8):
-    from server.sampling import SamplingParams
+    from loramux.server.engine.sampling import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 

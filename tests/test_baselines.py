@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import baselines
+from loramux.bench import baselines
 
 
 @pytest.mark.slow

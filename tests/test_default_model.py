@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from server import LLM
-from server.sampling import SamplingParams
+from loramux.server import LLM
+from loramux.server.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_default_model_knows_the_capital_of_france(llm):
 
 @pytest.mark.slow
 def test_second_load_reads_the_safetensors_cache(llm):
-    from server.loader import default_gguf_path, resolve_model_dir
+    from loramux.server.model.loader import default_gguf_path, resolve_model_dir
 
     folder = resolve_model_dir("default")
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapter_pool import AdapterPool, DeviceLoraPool
-from server.model_runner import ModelRunner, SeqChunk
-from server.peft_format import load_peft_adapter
+from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.server.model.runner import ModelRunner, SeqChunk
+from loramux.adapters_store.peft_format import load_peft_adapter
 from test_model import build
 from tiny import VOCAB, make_adapter, make_model, peft_model
 
@@ -93,8 +93,8 @@ def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
 @pytest.mark.parametrize("dora_setup", ["llama"], indirect=True)  # one architecture is enough here
 def test_dora_greedy_decode_equals_peft(dora_setup):
     """Decode steps (one token per sequence) with DoRA and plain rows mixed, through the engine."""
-    from server import LLM
-    from server.sampling import SamplingParams
+    from loramux.server import LLM
+    from loramux.server.engine.sampling import SamplingParams
 
     kind, base_dir, paths = dora_setup
     names = ["dora-r8", None, "lora-r8", "dora-qv"]
@@ -122,7 +122,7 @@ def test_dora_needs_base_weights(dora_setup):
 
 
 def test_folder_loader_reads_magnitudes_back(dora_setup):
-    from server.adapter_pool import AdapterSource
+    from loramux.adapters_store.pool import AdapterSource
 
     _, base_dir, paths = dora_setup
     cfg, _, _ = build(base_dir)
@@ -136,7 +136,7 @@ def test_folder_loader_reads_magnitudes_back(dora_setup):
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
 def test_expand_with_dora_scale_equals_reference(impl):
     """The expand epilogue: adapter rows (and only written columns) times dora_scale[slot]."""
-    from kernels import cpu, make_segments, reference
+    from loramux.kernels import cpu, make_segments, reference
 
     gen = torch.Generator().manual_seed(7)
     n, P, R, slots, offs = 3, 70, 16, 4, (0, 24, 32, 48)
@@ -158,7 +158,7 @@ def test_expand_with_dora_scale_equals_reference(impl):
     if impl == "cpu":
         cpu.lora_expand(h, b_pool, page_table, ranks, scales, seg, got, offs, dora)
     else:
-        from kernels import sgmv
+        from loramux.kernels import sgmv
 
         sgmv.lora_expand(h, b_pool, page_table, ranks, scales, seg, got, offs, dora)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from server import LLM
-from server.engine import AsyncEngine
-from server.sampling import SamplingParams
+from loramux.server import LLM
+from loramux.server.engine.engine import AsyncEngine
+from loramux.server.engine.sampling import SamplingParams
 from tiny import VOCAB, make_adapter, make_model
 
 NUM_ADAPTERS = 10
@@ -124,7 +124,7 @@ def test_async_engine_streams_and_aborts_on_consumer_exit(setup, alone):
 
 
 def test_request_over_context_is_rejected_before_queueing(setup):
-    from server.engine import RequestError
+    from loramux.server.engine.engine import RequestError
 
     llm = make_llm(setup)
     with pytest.raises(RequestError, match="context length"):
@@ -135,8 +135,8 @@ def test_request_over_context_is_rejected_before_queueing(setup):
 def test_detokenizer_never_splits_a_multibyte_character():
     from transformers import AutoTokenizer
 
-    from server.detokenizer import IncrementalDetokenizer
-    from server.loader import resolve_model_dir
+    from loramux.server.engine.detokenizer import IncrementalDetokenizer
+    from loramux.server.model.loader import resolve_model_dir
 
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(None))
     text = "Grüße aus Köln 🎉 und 東京!"

@@ -20,12 +20,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from server import LLM, adapter_math
-from server.api import ApiError, build_sampling
-from server.engine import RequestError
-from server.peft_format import LoraAdapter, ModuleLora, load_peft_adapter
-from server.protocol import CompletionRequest
-from server.sampling import SamplingParams
+from loramux.adapters_store import arithmetic
+from loramux.server import LLM
+from loramux.server.api.generation import build_sampling
+from loramux.server.errors import LoramuxError
+from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, load_peft_adapter
+from loramux.server.api.protocol import CompletionRequest
+from loramux.server.engine.sampling import SamplingParams
 from tiny import VOCAB, make_adapter, make_model
 
 VICTIM_PROMPTS = [[5, 9, 14, 3, 22, 7], [30, 31, 32], [100, 4, 4, 90, 17, 60, 2 + 1], [11, 12, 13, 14, 15]]
@@ -46,9 +47,9 @@ def make_llm(files) -> LLM:
     llm = LLM(model=str(files / "base"), dtype="float32", block_size=4, kv_cache_bytes=4 * 2**20,
               adapters={n: files / n for n in ("a1", "a2", "d1")})
     cfg, max_rank = llm.engine.model.cfg, llm.engine.config.max_lora_rank
-    sources = [adapter_math.Source(load_peft_adapter(files / n, cfg, max_rank, n), w)
+    sources = [arithmetic.Source(load_peft_adapter(files / n, cfg, max_rank, n), w)
                for n, w in (("a1", 0.7), ("a2", -0.4))]
-    mix = adapter_math.concat(adapter_math.MIX_NAME_PREFIX + "victim", sources)
+    mix = arithmetic.concat(arithmetic.MIX_NAME_PREFIX + "victim", sources)
     llm.victim_mix = llm.engine.adapters.add_mix(mix)  # held (one reference) for the module's life
     llm.victim_mix_digest = mix.digest
     return llm
@@ -129,7 +130,7 @@ def test_a_forward_pass_that_raises_fails_only_the_culprit(llm, solo, monkeypatc
 
 def test_an_adapter_whose_files_vanish_fails_only_its_requests(llm, solo, files, tmp_path):
     folder = make_adapter(files / "base", tmp_path / "vanishing", r=4, alpha=8, seed=9)  # weights no one else has
-    from server.adapter_pool import AdapterSource
+    from loramux.adapters_store.pool import AdapterSource
 
     adapter = load_peft_adapter(folder, llm.engine.model.cfg, 64, "vanishing")
     llm.engine.adapters.register(AdapterSource.from_folder(folder, adapter, llm.engine.model.cfg, 64))
@@ -142,7 +143,7 @@ def test_an_adapter_whose_files_vanish_fails_only_its_requests(llm, solo, files,
 
 
 def test_a_row_whose_sampling_raises_fails_alone(llm, solo, monkeypatch):
-    import server.sampling as sampling
+    import loramux.server.engine.sampling as sampling
 
     real_filter = sampling._filter
 
@@ -209,13 +210,12 @@ def admitted(engine, body: dict) -> tuple[list[int], SamplingParams] | None:
         return None
     try:
         sampling = build_sampling(request, request.max_tokens, request.logprobs, 0)
-    except ApiError as exc:
-        assert 400 <= exc.status < 500
+    except LoramuxError:  # answered 400 by the edge
         return None
     prompt = request.prompts()[0]
     try:
         engine.check_request(prompt, sampling, None)
-    except RequestError:
+    except LoramuxError:  # 400 or 404
         return None
     return prompt, sampling
 

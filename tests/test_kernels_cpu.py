@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import make_segments, reference
-from kernels.cpu import apply_lora
+from loramux.kernels import make_segments, reference
+from loramux.kernels.cpu import apply_lora
 
 
 def pool_and_views(pages: dict[int, list[int]], n=3, P=64, inn=8, widths=(8, 4, 4), seed=0):

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import cpu, reference, sgmv
-from kernels.segments import NO_ADAPTER, Segments, segments_from_runs
+from loramux.kernels import cpu, reference, sgmv
+from loramux.kernels.segments import NO_ADAPTER, Segments, segments_from_runs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IN = 96  # more than one K tile of the prefill shrink, and not a multiple of it
@@ -247,7 +247,7 @@ def test_all_base_and_empty_batches():
 
 
 def test_dispatch_routes_to_triton(monkeypatch):
-    import kernels
+    from loramux import kernels
 
     def cpu_path(*args):
         raise AssertionError("LORAMUX_TRITON=1 must take the Triton path")

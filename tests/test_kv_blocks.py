@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from server.kv_cache import BlockAllocator, OutOfBlocks
+from loramux.server.engine.kv_cache import BlockAllocator, OutOfBlocks
 
 
 def test_allocate_and_free_counts():

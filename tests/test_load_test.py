@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import load_test
-from bench.load_test import Arrivals, Length, Result, Workload, adapter_weights, check_local, percentile
+from loramux.bench import load_test
+from loramux.bench.load_test import Arrivals, Length, Result, Workload, adapter_weights, check_local, percentile
 from live_server import KEY, ROOT, Server
 
 # ---------------------------------------------------------------------------
@@ -114,10 +114,10 @@ def test_summary_compare_and_plot(tmp_path):
 def _default_model_adapter(folder: Path) -> Path:
     from transformers import AutoConfig
 
-    from bench.common import random_adapter
-    from server.config import ModelConfig
-    from server.loader import resolve_model_dir
-    from server.peft_format import save_peft_adapter
+    from loramux.bench.common import random_adapter
+    from loramux.server.config import ModelConfig
+    from loramux.server.model.loader import resolve_model_dir
+    from loramux.adapters_store.peft_format import save_peft_adapter
 
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(resolve_model_dir(None)))
     save_peft_adapter(random_adapter(cfg, "bench", rank=8, seed=1), folder)
@@ -144,7 +144,7 @@ def test_load_test_counts_agree_with_server_metrics(tmp_path):
         before = server.metrics()
         out = tmp_path / "run.json"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "server", "bench", "--url", server.url, "--api-key", KEY,
+        cmd = [sys.executable, "-m", "loramux.server", "bench", "--url", server.url, "--api-key", KEY,
                "--num-adapters", "3", "--upload", str(adapter), "--popularity", "zipf", "--rate", "4",
                "--num-requests", "8", "--prompt-len", "uniform:8:16", "--output-len", "uniform:2:5",
                "--duration", "20", "--drain-timeout", "60", "--slo-ttft", "5", "--quiet", "--out", str(out)]

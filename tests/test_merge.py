@@ -1,4 +1,4 @@
-"""Adapter arithmetic (server/adapter_math.py): concat and SVD merges, per-request
+"""Adapter arithmetic (adapters_store/arithmetic.py): concat and SVD merges, per-request
 mixes, merged-model export; against PEFT, and over HTTP."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import tarfile
 import pytest
 import torch
 
-from server import adapter_math
-from server.adapter_math import Source
-from server.adapter_pool import AdapterPool, DeviceLoraPool
-from server.model_runner import ModelRunner, SeqChunk
-from server.peft_format import _module_name, load_peft_adapter, save_peft_adapter
+from loramux.adapters_store import arithmetic
+from loramux.adapters_store.arithmetic import Source
+from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.server.model.runner import ModelRunner, SeqChunk
+from loramux.adapters_store.peft_format import _module_name, load_peft_adapter, save_peft_adapter
 from test_dora import make_dora_adapter
 from test_model import build
 from tiny import VOCAB, make_adapter, make_model, peft_model
@@ -82,15 +82,15 @@ def peft_cat(base_dir, paths):
 
 def test_concat_equals_peft_cat_and_the_per_request_mix(setup, tmp_path):
     root, paths, cfg, loaded = setup
-    merged = adapter_math.concat("merged", sources(loaded))
+    merged = arithmetic.concat("merged", sources(loaded))
     assert {k: m.rank for k, m in merged.modules.items()}[(0, "q_proj")] == 4 + 8 + 6
     assert merged.modules[(1, "k_proj")].rank == 4 + 2
     # stored as PEFT files and read back: the served adapter, and what PEFT loads
-    stored, config_bytes, weights_bytes = adapter_math.as_peft(merged, cfg, 64)
+    stored, config_bytes, weights_bytes = arithmetic.as_peft(merged, cfg, 64)
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "adapter_config.json").write_bytes(config_bytes)
     (tmp_path / "merged" / "adapter_model.safetensors").write_bytes(weights_bytes)
-    mix = adapter_math.concat("mix:test", sources(loaded))
+    mix = arithmetic.concat("mix:test", sources(loaded))
 
     ps = prompts(3, 1)
     rows = [("merged", ps[0]), (None, ps[1]), ("mix:test", ps[2]), ("merged", ps[2]), ("mix:test", ps[0])]
@@ -111,10 +111,10 @@ def test_concat_equals_peft_cat_and_the_per_request_mix(setup, tmp_path):
 def test_svd_error_and_output(setup):
     root, paths, cfg, loaded = setup
     rank = 5
-    merged, errors = adapter_math.svd("svd5", sources(loaded), rank)
-    stored, _, _ = adapter_math.as_peft(merged, cfg, 64)
+    merged, errors = arithmetic.svd("svd5", sources(loaded), rank)
+    stored, _, _ = arithmetic.as_peft(merged, cfg, 64)
     assert stored.rank == rank and set(errors) == {_module_name(*k) for k in stored.modules}
-    exact = adapter_math.concat("exact", sources(loaded))
+    exact = arithmetic.concat("exact", sources(loaded))
     for key, ml in stored.modules.items():
         want_delta = exact.modules[key].delta().double()
         got_delta = ml.delta().double()
@@ -142,22 +142,24 @@ def test_svd_error_and_output(setup):
 
 def test_merge_refusals(setup):
     _, _, _, loaded = setup
-    with pytest.raises(adapter_math.MergeError) as e:
-        adapter_math.concat("x", [Source(loaded["s1"], 1.0), Source(loaded["dora"], 0.5)])
-    assert e.value.status == 422 and "DoRA" in str(e.value)
-    for bad in ([], [Source(loaded["s1"], float("nan"))], [Source(loaded["s1"], float("inf"))]):
-        with pytest.raises(adapter_math.MergeError) as e:
-            adapter_math.concat("x", bad)
-        assert e.value.status == 400
-    with pytest.raises(adapter_math.MergeError):
-        adapter_math.svd("x", [Source(loaded["s1"], 1.0)], 0)
+    from loramux.server.errors import Invalid, Unprocessable
+
+    with pytest.raises(Unprocessable) as e:
+        arithmetic.concat("x", [Source(loaded["s1"], 1.0), Source(loaded["dora"], 0.5)])
+    assert "DoRA" in str(e.value) and e.value.param == "sources.1.adapter"
+    for bad in ([], [Source(loaded["s1"], float("nan"))], [Source(loaded["s1"], float("inf"))],
+                [Source(loaded["s1"], 100.5)]):
+        with pytest.raises(Invalid):
+            arithmetic.concat("x", bad)
+    with pytest.raises(Invalid):
+        arithmetic.svd("x", [Source(loaded["s1"], 1.0)], 0)
 
 
 @pytest.mark.parametrize("which", ["s2", "dora"])
 def test_export_merged_equals_peft_merge_and_unload(setup, tmp_path, which):
     from transformers import AutoModelForCausalLM
 
-    from server.__main__ import main
+    from loramux.server.__main__ import main
 
     root, paths, _, _ = setup
     out = tmp_path / "exported"

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from server.adapter_pool import AdapterPool, DeviceLoraPool
-from server.config import ModelConfig
-from server.loader import load_safetensors_weights
-from server.model_runner import KVCache, ModelRunner, SeqChunk
-from server.models.llama import LlamaModel
-from server.peft_format import load_peft_adapter
+from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.server.config import ModelConfig
+from loramux.server.model.loader import load_safetensors_weights
+from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
+from loramux.server.model.llama import LlamaModel
+from loramux.adapters_store.peft_format import load_peft_adapter
 from tiny import VOCAB, make_adapter, make_model, peft_model
 
 # (name, options) of the adapters in the mixed batch: ranks 4..64, rsLoRA,
@@ -115,8 +115,8 @@ def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
 
 
 def test_greedy_generation_mixed_batch_equals_peft(mixed_setup):
-    from server import LLM
-    from server.sampling import SamplingParams
+    from loramux.server import LLM
+    from loramux.server.engine.sampling import SamplingParams
 
     base_dir, paths = mixed_setup
     llm = LLM(model=str(base_dir), dtype="float32", adapters=paths, block_size=4,

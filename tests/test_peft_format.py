@@ -1,4 +1,4 @@
-"""server/peft_format.py against real PEFT adapters on a tiny random Llama.
+"""adapters_store/peft_format.py against real PEFT adapters on a tiny random Llama.
 
 Truth is PEFT itself: the A, B and scaling PEFT puts on each wrapped module
 after get_peft_model / PeftModel.from_pretrained.
@@ -20,8 +20,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.config import LORA_MODULES, ModelConfig
-from server.peft_format import (
+from loramux.server.config import LORA_MODULES, ModelConfig
+from loramux.adapters_store.peft_format import (
     AdapterError,
     LoraAdapter,
     ModuleLora,
@@ -467,7 +467,7 @@ def test_rank_in_weights_differs_from_config(model_cfg, good):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_finite_values(model_cfg, good, value, dtype):
     config, tensors = good
-    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tensors = {k: v.to(dtype, copy=True) for k, v in tensors.items()}  # never the fixture itself
     tensors[key(1, "v_proj", "B")][3, 1] = value
     rejected(model_cfg, config, tensors, key(1, "v_proj", "B"))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import load_test
+from loramux.bench import load_test
 from live_server import BASE, KEY, ROOT, Server, free_port
 from tiny import make_adapter, make_chat_model
 
@@ -125,8 +125,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path, pro
     import torch
     from transformers import AutoConfig
 
-    from server.adapter_pool import page_bytes
-    from server.config import ModelConfig
+    from loramux.adapters_store.pool import page_bytes
+    from loramux.server.config import ModelConfig
 
     make_chat_model(tmp_path / "base")
     adapters = [make_adapter(tmp_path / "base", tmp_path / f"a{i}", r=8, alpha=16, seed=i) for i in range(3)]

@@ -1,13 +1,13 @@
 """The sampler row by row: filters against a plain reference, extreme values,
 failed rows that fail alone, and seeded generators on the device of the
-logits. Imports only torch and server.sampling, so bench/gpu_check.sh runs
+logits. Imports only torch and loramux.server.engine.sampling, so bench/gpu_check.sh runs
 it on a lent CUDA machine (where a CPU generator with CUDA logits raises)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.sampling import Sampled, SampleFailed, SampleState, SamplingParams, _filter, sample
+from loramux.server.engine.sampling import Sampled, SampleFailed, SampleState, SamplingParams, _filter, sample
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

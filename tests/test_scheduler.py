@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from server.config import EngineConfig
-from server.kv_cache import BlockAllocator
-from server.request import Request, RequestStatus
-from server.scheduler import QueueFull, Scheduler, SchedulerOutput
+from loramux.server.config import EngineConfig
+from loramux.server.engine.kv_cache import BlockAllocator
+from loramux.server.engine.request import Request, RequestStatus
+from loramux.server.engine.scheduler import QueueFull, Scheduler, SchedulerOutput
 
 BS = 4  # block size used throughout
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from live_server import AUTH, BASE, Server, make_api_files, upload_dir
-from server.protocol import MAX_N
+from loramux.server.api.protocol import MAX_N
 
 ADAPTERS = ("a1", "a2")
 TARGETS = (BASE, *ADAPTERS)  # what `model` becomes when steered

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.soak import HOSTILE, format_report, run_soak
+from loramux.bench.soak import HOSTILE, format_report, run_soak
 from live_server import BASE, KEY, Server, assert_serving
 from tiny import make_adapter, make_chat_model
 

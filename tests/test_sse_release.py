@@ -19,12 +19,13 @@ from live_server import BASE, make_api_files
 
 @pytest.fixture(scope="module")
 def app_and_engine(tmp_path_factory):
-    from server.api import ServerSettings, ServerState, create_app
-    from server.adapter_store import AdapterStore
-    from server.config import EngineConfig
-    from server.engine import AsyncEngine, Engine
-    from server.llm import load_base
-    from server.metrics import Metrics
+    from loramux.server.api.app import create_app
+    from loramux.server.api.state import ServerSettings, ServerState
+    from loramux.adapters_store.store import AdapterStore
+    from loramux.server.config import EngineConfig
+    from loramux.server.engine.engine import AsyncEngine, Engine
+    from loramux.server.llm import load_base
+    from loramux.server.metrics import Metrics
 
     root = make_api_files(tmp_path_factory.mktemp("sse"))
     net, tokenizer, folder = load_base(str(root / "base"), "float32", "cpu")

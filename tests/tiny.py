@@ -85,6 +85,6 @@ def make_chat_model(path: Path, seed: int = 0):
     """A tiny random Llama with the default model's tokenizer and chat template
     (vocab 49152, hidden 64: about 25 MB), for tests that speak text and chat;
     the same checkpoint the baselines' smoke mode uses."""
-    from bench.baselines import make_tiny_model
+    from loramux.bench.baselines import make_tiny_model
 
     return make_tiny_model(path, seed)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from server.config import LORA_MODULES
-from server.peft_format import LoraAdapter, ModuleLora, _module_name, module_bytes, peft_files, \
+from loramux.server.config import LORA_MODULES
+from loramux.server.errors import Invalid, Unprocessable
+from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, _module_name, module_bytes, peft_files, \
     parse_peft_adapter
 
 METHODS = ("concat", "svd")
@@ -47,14 +48,6 @@ MIX_NAME_PREFIX = "mix:"
 MAX_ADAPTER_WEIGHT = 100.0
 
 
-class MergeError(ValueError):
-    """A merge that cannot be done as asked; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
 @dataclass(frozen=True)
 class Source:
     adapter: LoraAdapter
@@ -63,14 +56,14 @@ class Source:
 
 def check_sources(sources: list[Source]) -> None:
     if not sources:
-        raise MergeError("sources: at least one source adapter is needed", 400, "sources")
+        raise Invalid("sources: at least one source adapter is needed", "sources", "invalid_merge")
     for i, s in enumerate(sources):
         if not abs(s.weight) <= MAX_ADAPTER_WEIGHT:  # NaN fails this too
-            raise MergeError(f"sources[{i}].weight: must be a finite number within ±{MAX_ADAPTER_WEIGHT:g}", 400,
-                             f"sources.{i}.weight")
+            raise Invalid(f"sources[{i}].weight: must be a finite number within ±{MAX_ADAPTER_WEIGHT:g}",
+                             f"sources.{i}.weight", "invalid_merge")
         if s.adapter.use_dora:
-            raise MergeError(f"adapter `{s.adapter.name}` is a DoRA adapter; DoRA adapters cannot be merged "
-                             "(their row scale is not linear in the LoRA weights)", 422, f"sources.{i}.adapter")
+            raise Unprocessable(f"adapter `{s.adapter.name}` is a DoRA adapter; DoRA adapters cannot be merged "
+                             "(their row scale is not linear in the LoRA weights)", f"sources.{i}.adapter", "invalid_merge")
 
 
 def _ordered_keys(sources: list[Source]) -> list[tuple[int, str]]:
@@ -130,7 +123,7 @@ def svd(name: str, sources: list[Source], rank: int) -> tuple[LoraAdapter, dict[
     Frobenius error ||B A - ΔW|| / ||ΔW|| of the float32 weights it holds."""
     check_sources(sources)
     if rank <= 0:
-        raise MergeError("rank: must be a positive integer", 400, "rank")
+        raise Invalid("rank: must be a positive integer", "rank", "invalid_merge")
     modules, errors = {}, {}
     for key in _ordered_keys(sources):
         delta = _exact_delta(sources, key)
@@ -178,9 +171,9 @@ def export_merged(model: str | None, adapter_path: str | os.PathLike, out_dir: s
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from server.config import ModelConfig
-    from server.loader import load_safetensors_weights, resolve_model_dir
-    from server.peft_format import load_peft_adapter
+    from loramux.server.config import ModelConfig
+    from loramux.server.model.loader import load_safetensors_weights, resolve_model_dir
+    from loramux.adapters_store.peft_format import load_peft_adapter
 
     folder = resolve_model_dir(model)
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(folder))

@@ -38,9 +38,10 @@ from typing import BinaryIO, Callable, Iterable
 
 import torch
 
-from server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
-from server.adapter_files import AdapterFilesChanged, PinnedFile
-from server.peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
+from loramux.server.errors import Conflict, Unprocessable
+from loramux.server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
+from loramux.adapters_store.files import AdapterFilesChanged, PinnedFile
+from loramux.adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
 
 log = logging.getLogger("loramux.adapter_pool")
 
@@ -368,7 +369,7 @@ class FolderLoader:
     def __init__(self, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig, max_rank: int,
                  files: dict[str, PinnedFile] | None = None):
         """`files`: the pinned config and weights files that were validated
-        (server/adapter_files.py); pinned now when not given."""
+        (adapters_store/files.py); pinned now when not given."""
         self.folder = Path(folder)
         self.files = files if files is not None else {
             n: PinnedFile.stat(self.folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME)}
@@ -595,20 +596,21 @@ class AdapterPool:
     # -- registry -----------------------------------------------------------
 
     def check_fits(self, rank: int) -> None:
-        """Raise ValueError for an adapter the device tier could never hold."""
+        """Unprocessable for an adapter the device tier could never hold."""
         if rank > self.device.max_rank:
-            raise ValueError(f"adapter rank {rank} is above max_lora_rank {self.device.max_rank}")
+            raise Unprocessable(f"adapter rank {rank} is above max_lora_rank {self.device.max_rank}", WEIGHTS_NAME,
+                                "adapter_too_large")
         if rank > self.device.num_pages:
-            raise ValueError(
+            raise Unprocessable(
                 f"adapter of rank {rank} needs {rank} pages of {self.device.page_bytes} B; the device adapter "
-                f"pool holds {self.device.num_pages} (--adapter-pool-bytes)")
+                f"pool holds {self.device.num_pages} (--adapter-pool-bytes)", WEIGHTS_NAME, "adapter_too_large")
 
     def register(self, adapter: LoraAdapter | AdapterSource) -> None:
         source = adapter if isinstance(adapter, AdapterSource) else AdapterSource.in_memory(adapter)
         self.check_fits(source.rank)
         with self._lock:
             if source.name in self._names:
-                raise KeyError(f"adapter {source.name!r} is already registered")
+                raise Conflict(f"adapter `{source.name}` already exists", "name", "adapter_exists")
             self._names[source.name] = source.digest
             self._sources.setdefault(source.digest, source)
 
@@ -630,7 +632,7 @@ class AdapterPool:
         with self._lock:
             return self._names.get(name) or self._mixes.get(name)
 
-    # -- per-request mixes (transient adapters, server/adapter_math.py) -------
+    # -- per-request mixes (transient adapters, adapters_store/arithmetic.py) -------
 
     def hold_mix(self, digest: str) -> str | None:
         """Take a reference on the mix `digest` if it is registered; its name, else None."""
@@ -667,7 +669,7 @@ class AdapterPool:
                 return name
             self.check_fits(adapter.rank)
             if adapter.name in self._names or adapter.digest in self._sources:
-                raise KeyError(f"adapter {adapter.name!r} is already registered")
+                raise Conflict(f"adapter `{adapter.name}` already exists", "adapters", "invalid_mix")
             self._mixes[adapter.name] = adapter.digest
             self._sources[adapter.digest] = AdapterSource.in_memory(adapter)
             self._refs[adapter.digest] = 1

@@ -7,13 +7,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from server.config import EngineConfig
-from server.kv_cache import BlockAllocator
-from server.request import Request, RequestStatus
+from loramux.server.config import EngineConfig
+from loramux.server.errors import Busy
+from loramux.server.engine.kv_cache import BlockAllocator
+from loramux.server.engine.request import Request, RequestStatus
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Busy):
     """The waiting queue holds config.max_waiting requests already."""
+
+    code = "queue_full"
 
 
 @dataclass

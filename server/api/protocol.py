@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.adapter_math import MAX_ADAPTER_WEIGHT
-from server.sampling import MAX_STOP_STRINGS
+from loramux.adapters_store.arithmetic import MAX_ADAPTER_WEIGHT
+from loramux.server.engine.sampling import MAX_STOP_STRINGS
 
 MAX_N = 8  # completions per request
 MAX_LOGPROBS = 20

@@ -36,7 +36,7 @@ How PEFT names things (peft 0.21, a Llama-family `*ForCausalLM` base):
                     (m / ||W0 + scale·B·A||_row) ⊙ (W0 x + scale·B·A x), the norm
                     taken over the input dimension, per output row, detached.
                     The serving pool computes that row scale once at load
-                    (server/adapter_pool.py), since it needs the base weights.
+                    (adapters_store/pool.py), since it needs the base weights.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from pathlib import Path
 import re2
 import torch
 
-from server.config import LORA_MODULES, ModelConfig
+from loramux.server.config import LORA_MODULES, ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import Segments, cpu, lora_expand, lora_shrink, use_triton
-from server.config import LORA_GROUPS, ModelConfig
+from loramux.kernels import Segments, cpu, lora_expand, lora_shrink, use_triton
+from loramux.server.config import LORA_GROUPS, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from server.config import ModelConfig
-from server.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter, parse_peft_adapter
+from loramux.server.config import ModelConfig
+from loramux.adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter, parse_peft_adapter
 
 log = logging.getLogger("loramux.adapter_store")
 

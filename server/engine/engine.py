@@ -16,28 +16,26 @@ from typing import AsyncIterator
 
 import torch
 
-from server.adapter_pool import AdapterPool, DeviceLoraPool
-from server.config import EngineConfig
-from server.detokenizer import IncrementalDetokenizer
-from server.kv_cache import BlockAllocator
-from server.model_runner import KVCache, ModelRunner, SeqChunk
-from server.request import Request, RequestStatus
-from server.sampling import Sampled, SampleFailed, SampleState, SamplingParams, sample
-from server.scheduler import ScheduledChunk, Scheduler
+from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.server.config import EngineConfig
+from loramux.server.errors import Failed, Invalid, NotFound
+from loramux.server.engine.detokenizer import IncrementalDetokenizer
+from loramux.server.engine.kv_cache import BlockAllocator
+from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
+from loramux.server.engine.request import Request, RequestStatus
+from loramux.server.engine.sampling import Sampled, SampleFailed, SampleState, SamplingParams, sample
+from loramux.server.engine.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger("loramux.engine")
 
 
-class RequestError(ValueError):
-    """A request that cannot be served as asked (the API answers 400/404)."""
+class RequestError(Invalid):
+    """A request that cannot be served as asked."""
 
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
-        super().__init__(message)
-        self.param = param
-        self.code = code
+    code = "invalid_request"
 
 
-class RequestFailed(RuntimeError):
+class RequestFailed(Failed):
     """The engine could not go on with this request (and with this request
     only: see Engine.step); the message is safe to show its client."""
 
@@ -137,7 +135,7 @@ class Engine:
         if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
             raise RequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if adapter is not None and adapter not in self.adapters:
-            raise RequestError(f"The model `{adapter}` does not exist.", "model", "model_not_found")
+            raise NotFound(f"The model `{adapter}` does not exist.", "model", "model_not_found")
 
     def add_request(
         self,

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import NO_ADAPTER, segments_from_runs
-from server.config import ModelConfig
-from server.models.llama import AttentionMetadata, DecodeGroup, ForwardBatch, LoraBatch, PrefillSeq
+from loramux.kernels import NO_ADAPTER, segments_from_runs
+from loramux.server.config import ModelConfig
+from loramux.server.model.llama import AttentionMetadata, DecodeGroup, ForwardBatch, LoraBatch, PrefillSeq
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,43 @@
+"""What the HTTP front end is configured with and holds while it runs."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramux.adapters_store.peft_format import LoraAdapter
+from loramux.adapters_store.store import AdapterStore
+from loramux.server.api.protocol import AdapterInfo
+from loramux.server.engine.engine import AsyncEngine
+from loramux.server.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    model_root: str  # the base model's folder, shown as `root` in /v1/models
+    api_key: str | None = None
+    allowed_adapter_roots: tuple[Path, ...] = ()
+    max_upload_bytes: int = 512 * 2**20
+    max_request_bytes: int = 16 * 2**20  # any other request body
+    health_timeout_s: float = 60.0  # /health fails when the engine loop is silent this long
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    store: AdapterStore
+    settings: ServerSettings
+    metrics: Metrics
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)  # names requests may use
+    draining: bool = False
+    inflight: int = 0  # HTTP requests being served (streams included)
+    created: int = field(default_factory=lambda: int(time.time()))
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def adapter_info(adapter: LoraAdapter, sha256: str, size: int, created: int, source: str) -> AdapterInfo:
+    return AdapterInfo(name=adapter.name, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+                       target_modules=list(adapter.target_modules), size_bytes=size, sha256=sha256,
+                       created=created, source=source)

@@ -1,0 +1,1 @@
+"""The engine: requests, scheduling, KV blocks, sampling, detokenizing; one step at a time."""

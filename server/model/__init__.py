@@ -1,0 +1,1 @@
+"""The model: the Llama family over a flat batch, its loader and runner, and the LoRA backends."""
