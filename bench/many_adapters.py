@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from loramux.bench.common import random_adapter
-from loramux.adapters_store.pool import AdapterPool, AdapterSource, DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.pool import AdapterPool
+from loramux.adapters_store.sources import AdapterSource
 from loramux.server.config import EngineConfig
 from loramux.server.engine.engine import Engine, lora_pool_dtype
 from loramux.server.llm import load_base

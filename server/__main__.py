@@ -69,7 +69,7 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    from loramux.adapters_store.pool import AdapterSource
+    from loramux.adapters_store.sources import AdapterSource
     from loramux.adapters_store.store import AdapterStore
     from loramux.server.api.app import create_app
     from loramux.server.api.state import ServerSettings, ServerState, adapter_info

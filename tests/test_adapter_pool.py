@@ -16,7 +16,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from loramux.adapters_store.pool import AdapterPool, AdapterSource, AdapterUnavailable, DeviceLoraPool, HostCache
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.host_cache import HostCache
+from loramux.adapters_store.pool import AdapterPool
+from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
 from loramux.server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, ModelConfig
 from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, save_peft_adapter
 

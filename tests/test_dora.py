@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.pool import AdapterPool
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
 from test_model import build
@@ -122,7 +123,7 @@ def test_dora_needs_base_weights(dora_setup):
 
 
 def test_folder_loader_reads_magnitudes_back(dora_setup):
-    from loramux.adapters_store.pool import AdapterSource
+    from loramux.adapters_store.sources import AdapterSource
 
     _, base_dir, paths = dora_setup
     cfg, _, _ = build(base_dir)

@@ -130,7 +130,7 @@ def test_a_forward_pass_that_raises_fails_only_the_culprit(llm, solo, monkeypatc
 
 def test_an_adapter_whose_files_vanish_fails_only_its_requests(llm, solo, files, tmp_path):
     folder = make_adapter(files / "base", tmp_path / "vanishing", r=4, alpha=8, seed=9)  # weights no one else has
-    from loramux.adapters_store.pool import AdapterSource
+    from loramux.adapters_store.sources import AdapterSource
 
     adapter = load_peft_adapter(folder, llm.engine.model.cfg, 64, "vanishing")
     llm.engine.adapters.register(AdapterSource.from_folder(folder, adapter, llm.engine.model.cfg, 64))

@@ -11,7 +11,8 @@ import torch
 
 from loramux.adapters_store import arithmetic
 from loramux.adapters_store.arithmetic import Source
-from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.pool import AdapterPool
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import _module_name, load_peft_adapter, save_peft_adapter
 from test_dora import make_dora_adapter

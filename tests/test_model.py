@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.pool import AdapterPool
 from loramux.server.config import ModelConfig
 from loramux.server.model.loader import load_safetensors_weights
 from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk

@@ -125,7 +125,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path, pro
     import torch
     from transformers import AutoConfig
 
-    from loramux.adapters_store.pool import page_bytes
+    from loramux.adapters_store.device_pool import page_bytes
     from loramux.server.config import ModelConfig
 
     make_chat_model(tmp_path / "base")

@@ -23,7 +23,7 @@ from loramux.adapters_store import arithmetic
 from loramux.adapters_store.files import AdapterFilesChanged, PinnedFile
 from loramux.adapters_store.peft_format import CONFIG_NAME, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, \
     AdapterError, LoraAdapter, load_peft_adapter, parse_peft_adapter, peft_files
-from loramux.adapters_store.pool import AdapterSource, FolderLoader
+from loramux.adapters_store.sources import AdapterSource, FolderLoader
 from loramux.adapters_store.store import check_name
 from loramux.server.api.generation import GenerationService
 from loramux.server.api.protocol import AdapterInfo, MergeRequest

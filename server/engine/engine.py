@@ -16,7 +16,8 @@ from typing import AsyncIterator
 
 import torch
 
-from loramux.adapters_store.pool import AdapterPool, DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.pool import AdapterPool
 from loramux.server.config import EngineConfig
 from loramux.server.errors import Failed, Invalid, NotFound
 from loramux.server.engine.detokenizer import IncrementalDetokenizer

@@ -1,0 +1,272 @@
+"""The device tier: a byte budget of rank-row pages, allocated once.
+
+Making an adapter resident copies its A rows and B columns into free pages
+and fills its slot's row of the page table, ranks and scales (layout in
+kernels/reference.py); nothing is allocated on the hot path.
+
+    pages   0   1   2   3   4   5   6   7   8 ...
+    owner  [s1][s1][s1][s1][s0][s0][  ][  ][s2] ...   s0: rank 2, s1: rank 4
+    page_table[s0, :2] = [4, 5]; page_table[s1, :4] = [0, 1, 2, 3]
+
+A page is one rank-row for every layer and module, so an adapter of rank r
+needs exactly r pages, whatever its rank pattern: a module of lower rank
+leaves the tail of its rows zero and its `ranks` entry stops the kernels
+there.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from loramux.adapters_store.peft_format import LoraAdapter
+from loramux.server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
+
+class PageAllocator:
+    """First-fit allocation of rank-row pages, contiguous runs preferred
+    (a contiguous run lets the CPU path use a view instead of a gather)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = [True] * num_pages
+        self.num_free = num_pages
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise MemoryError(f"{n} pages wanted, {self.num_free} free")
+        run = 0
+        for i, free in enumerate(self._free):
+            run = run + 1 if free else 0
+            if run == n:
+                pages = list(range(i - n + 1, i + 1))
+                break
+        else:  # fragmented: take any free pages
+            pages = [i for i, free in enumerate(self._free) if free][:n]
+        for p in pages:
+            self._free[p] = False
+        self.num_free -= n
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._free[p]:
+                raise ValueError(f"page {p} freed twice")
+            self._free[p] = True
+        self.num_free += len(pages)
+
+
+def page_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_path: bool = False) -> int:
+    """Bytes of one rank-row page: one row of A and of B^T for every module of
+    every layer (plus the CPU path's block-diagonal copy of B, see below)."""
+    per_layer = sum(sum(cfg.module_shape(m)) for m in LORA_MODULES)
+    if cpu_path:
+        for lo, n in LORA_GROUPS.values():
+            per_layer += n * sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n])
+    return per_layer * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+
+
+class DeviceLoraPool:
+    """The device tier: per layer and projection group,
+
+        a_pages[l][g]: [P, n, in]        physical storage, page-major, so the n
+                                         slices' rows of one rank index are adjacent
+        a[l][g]:       [n, P, in]        the same memory seen as the kernels' layout
+        b[l][g]:       [P, out_total]    (kernels/reference.py)
+
+    On a CPU, the torch path also keeps b_block[l][g]: [P, n, out_total], the
+    scaled B rows of slice s in that slice's columns and zeros elsewhere, so
+    that one adapter's delta for a whole group is two matmuls:
+
+        h = x @ a_pages[pages].view(r*n, in).T          # [t, r*n]
+        out += h @ b_block[pages].view(r*n, out_total)  # scale and slice routing folded in
+
+    which costs n times the B memory and saves a Python-level loop over
+    slices on the per-token path, where op overhead dominates on a CPU.
+    Only the diagonal blocks of b_block are ever written, so the others stay
+    zero from allocation on.
+
+    DoRA: per slot, layer and group a row scale (float32, one per output column)
+
+        dora_scale[l][g]: [slots + 1, out_total]   m / ||W0 + s·B·A||_row in the columns
+                                                   of a DoRA module, 1.0 elsewhere; the
+                                                   last row (NO_DORA_ROW) is all 1.0, for
+                                                   tokens with no adapter
+
+    computed once when the adapter is written (it needs the base weights:
+    `base_weights(layer, group)` gives the model's fused [out_total, in]
+    weight, attached by the model runner), so serving a DoRA token costs one
+    elementwise multiply of its output row: y = scale ⊙ (W0 x + s·B·A x).
+    `is_dora[slot]` says whether a slot holds a DoRA adapter; batches with
+    none skip the multiply.
+
+    Bookkeeping (`reserve`, `unload`) and copying (`write`) are separate so
+    that AdapterPool can copy outside its lock: a reserved slot is read by
+    no step until AdapterPool publishes it.
+    """
+
+    def __init__(self, cfg: ModelConfig, budget_bytes: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device="cpu"):
+        self.cfg = cfg
+        self.max_rank = max_rank
+        self.num_slots = num_slots
+        self.cpu_path = torch.device(device).type == "cpu"
+        self.page_bytes = page_bytes(cfg, dtype, self.cpu_path)
+        self.num_pages = budget_bytes // self.page_bytes
+        if self.num_pages < max_rank:
+            raise ValueError(
+                f"adapter pool budget {budget_bytes} B holds {self.num_pages} rank-rows; "
+                f"at least max_lora_rank={max_rank} are needed"
+            )
+        self.pages = PageAllocator(self.num_pages)
+        P = self.num_pages
+        self.a_pages: list[dict[str, torch.Tensor]] = []
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        self.b_block: list[dict[str, torch.Tensor]] = []
+        for _ in range(cfg.num_layers):
+            a_pages, a, b, b_block = {}, {}, {}, {}
+            for group, (lo, n) in LORA_GROUPS.items():
+                mods = LORA_MODULES[lo : lo + n]
+                in_f = cfg.module_shape(mods[0])[1]
+                out_total = sum(cfg.module_shape(m)[0] for m in mods)
+                a_pages[group] = torch.zeros(P, n, in_f, dtype=dtype, device=device)
+                a[group] = a_pages[group].permute(1, 0, 2)
+                b[group] = torch.zeros(P, out_total, dtype=dtype, device=device)
+                if self.cpu_path:
+                    b_block[group] = torch.zeros(P, n, out_total, dtype=dtype, device=device)
+            self.a_pages.append(a_pages)
+            self.a.append(a)
+            self.b.append(b)
+            self.b_block.append(b_block)
+        self.dora_scale: list[dict[str, torch.Tensor]] = [
+            {g: torch.ones(num_slots + 1, sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]),
+                           dtype=torch.float32, device=device)
+             for g, (lo, n) in LORA_GROUPS.items()}
+            for _ in range(cfg.num_layers)]
+        self.is_dora = [False] * num_slots
+        self.base_weights: Callable[[int, str], torch.Tensor] | None = None
+        self.page_table = torch.zeros(num_slots, max_rank, dtype=torch.int32, device=device)
+        self.ranks = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.int32, device=device)
+        self.scales = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.float32, device=device)
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._slot_pages: dict[int, list[int]] = {}
+        # CPU path: per slot, per layer, per group, the (A^T, B_block) views
+        # the torch path multiplies by; built once at load, read every step.
+        self.cpu_views: dict[int, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def fits(self, rank: int) -> bool:
+        return bool(self._free_slots) and rank <= self.pages.num_free
+
+    def pages_of(self, slot: int) -> list[int]:
+        return self._slot_pages[slot]
+
+    def reserve(self, rank: int) -> int:
+        """A free slot with `rank` free pages; bookkeeping only."""
+        if rank > self.max_rank:
+            raise ValueError(f"adapter rank {rank} is above max_lora_rank {self.max_rank}")
+        if not self._free_slots:
+            raise MemoryError("no free adapter slot")
+        pages = self.pages.allocate(rank)
+        slot = self._free_slots.pop()
+        self._slot_pages[slot] = pages
+        return slot
+
+    def unload(self, slot: int) -> None:
+        """Give the slot and its pages back; bookkeeping only (the next
+        `write` to them overwrites what is left)."""
+        self.pages.free(self._slot_pages.pop(slot))
+        self.cpu_views.pop(slot, None)
+        self.is_dora[slot] = False
+        self._free_slots.append(slot)
+
+    def load(self, adapter: LoraAdapter) -> int:
+        """Copy an adapter into free pages; returns its slot."""
+        slot = self.reserve(adapter.rank)
+        try:
+            self.write(slot, adapter)
+        except BaseException:
+            self.unload(slot)
+            raise
+        return slot
+
+    def write(self, slot: int, adapter: LoraAdapter, stream=None) -> None:
+        """Copy the adapter into the slot's pages, its page-table row, ranks
+        and scales. Touches nothing but that slot's memory (and, on a CUDA
+        `stream`, waits for the copies before returning)."""
+        pages = self._slot_pages[slot]
+        r, p0 = len(pages), pages[0]
+        dev = self.page_table.device
+        contiguous = pages == list(range(p0, p0 + r))
+        idx = None if contiguous else torch.tensor(pages, dtype=torch.long, device=dev)
+
+        def put(t: torch.Tensor, lo: int, hi: int, rest: tuple, value) -> None:
+            # t[pages[lo:hi]][rest] = value: a view when the pages are a run, else an index_put
+            if contiguous:
+                view = t[(slice(p0 + lo, p0 + hi),) + rest]
+                view.copy_(value) if isinstance(value, torch.Tensor) else view.fill_(value)
+            else:
+                t[(idx[lo:hi],) + rest] = value
+
+        ranks = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.int32)
+        scales = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.float32)
+        if adapter.use_dora and self.base_weights is None:
+            raise RuntimeError("a DoRA adapter needs the base weights: attach the pool to a model runner first")
+        self.is_dora[slot] = False  # no step reads the slot while it is written
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for layer in range(self.cfg.num_layers):
+                for group, (lo, n) in LORA_GROUPS.items():
+                    a_pages, b_pool = self.a_pages[layer][group], self.b[layer][group]
+                    b_block = self.b_block[layer].get(group)
+                    dora_row = torch.ones(b_pool.shape[1], dtype=torch.float32, device=dev)
+                    col = 0
+                    for s, m in enumerate(LORA_MODULES[lo : lo + n]):
+                        out_f = self.cfg.module_shape(m)[0]
+                        cols = slice(col, col + out_f)
+                        w = adapter.modules.get((layer, m))
+                        k = 0 if w is None else w.rank
+                        if k:
+                            put(a_pages, 0, k, (s,), w.a)
+                            put(b_pool, 0, k, (cols,), w.b.T)
+                            if b_block is not None:
+                                put(b_block, 0, k, (s, cols), w.b.T * w.scale)
+                            ranks[layer, lo + s] = k
+                            scales[layer, lo + s] = w.scale
+                            if w.magnitude is not None:
+                                dora_row[cols] = w.dora_scale(self.base_weights(layer, group)[cols])
+                        if k < r:  # rows past this module's rank: zero
+                            put(a_pages, k, r, (s,), 0.0)
+                            put(b_pool, k, r, (cols,), 0.0)
+                            if b_block is not None:
+                                put(b_block, k, r, (s, cols), 0.0)
+                        col += out_f
+                    self.dora_scale[layer][group][slot].copy_(dora_row)
+            row = torch.zeros(self.max_rank, dtype=torch.int32)
+            row[:r] = torch.tensor(pages, dtype=torch.int32)
+            self.page_table[slot].copy_(row, non_blocking=stream is not None)
+            self.ranks[:, :, slot].copy_(ranks)
+            self.scales[:, :, slot].copy_(scales)
+        if stream is not None:
+            stream.synchronize()
+        if self.cpu_path:
+            self.cpu_views[slot] = self._cpu_views(pages)
+        self.is_dora[slot] = adapter.use_dora
+
+    def _cpu_views(self, pages: list[int]):
+        r = len(pages)
+        contiguous = pages == list(range(pages[0], pages[0] + r))
+        at = slice(pages[0], pages[0] + r) if contiguous else torch.tensor(pages)  # a gather copies; rare
+        views = []
+        for layer in range(self.cfg.num_layers):
+            per_group = {}
+            for group, (lo, n) in LORA_GROUPS.items():
+                a = self.a_pages[layer][group][at]  # [r, n, in]
+                b = self.b_block[layer][group][at]  # [r, n, out_total]
+                per_group[group] = (a.reshape(r * n, -1).T, b.reshape(r * n, -1))
+            views.append(per_group)
+        return views

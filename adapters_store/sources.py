@@ -1,0 +1,146 @@
+"""The disk tier: what the pool knows of a registered adapter without its
+weights, and how it reads them back."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import torch
+
+from loramux.adapters_store.files import AdapterFilesChanged, PinnedFile
+from loramux.adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
+from loramux.server.config import ModelConfig
+
+# ---------------------------------------------------------------------------
+# the disk tier: what the pool knows of an adapter without its weights
+# ---------------------------------------------------------------------------
+
+class AdapterUnavailable(RuntimeError):
+    """A registered adapter's weights can no longer be read as registered."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A registered adapter on the disk tier. `load()` returns its weights
+    (float32, CPU) with this digest, or raises AdapterUnavailable."""
+
+    name: str
+    digest: str
+    rank: int
+    nbytes: int
+    load: Callable[[], LoraAdapter]
+
+    @classmethod
+    def in_memory(cls, adapter: LoraAdapter) -> "AdapterSource":
+        """Weights held by the source itself (offline use, tests, and adapters
+        deleted from disk while requests still hold them)."""
+        return cls(adapter.name, adapter.digest, adapter.rank, adapter.nbytes, _Held(adapter))
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig,
+                    max_rank: int, files: dict[str, PinnedFile] | None = None) -> "AdapterSource":
+        """`adapter` was parsed and validated from the PEFT `folder` (from
+        `files`, when given); only its metadata is kept, the weights are read
+        back when needed."""
+        return cls(adapter.name, adapter.digest, adapter.rank, adapter.nbytes,
+                   FolderLoader(folder, adapter, model, max_rank, files))
+
+    @property
+    def held(self) -> bool:
+        return isinstance(self.load, _Held)
+
+
+class _Held:
+    def __init__(self, adapter: LoraAdapter):
+        self.adapter = adapter
+
+    def __call__(self) -> LoraAdapter:
+        return self.adapter
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class FolderLoader:
+    """Reads an adapter back from its PEFT folder, fast.
+
+    At registration the folder was parsed and validated in full, giving the
+    digest; we keep the weights file's identity (inode, size, mtime) and each
+    module's scale. While the file is that same file (the adapter store
+    never rewrites one in place: uploads and deletes are renames), reading it
+    back is one read and a safetensors header parse, with no hashing. A file
+    replaced since is parsed in full again and must give the same digest.
+    """
+
+    def __init__(self, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig, max_rank: int,
+                 files: dict[str, PinnedFile] | None = None):
+        """`files`: the pinned config and weights files that were validated
+        (adapters_store/files.py); pinned now when not given."""
+        self.folder = Path(folder)
+        self.files = files if files is not None else {
+            n: PinnedFile.stat(self.folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME)}
+        self.meta = dict(name=adapter.name, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+                         target_modules=adapter.target_modules, config=adapter.config,
+                         digest=adapter.digest, nbytes=adapter.nbytes)
+        self.ranks = {k: m.rank for k, m in adapter.modules.items()}
+        self.scales = {k: m.scale for k, m in adapter.modules.items()}
+        self.model, self.max_rank = model, max_rank
+
+    def __call__(self) -> LoraAdapter:
+        name, digest = self.meta["name"], self.meta["digest"]
+        weights = self.files[WEIGHTS_NAME]
+        try:
+            try:
+                with weights.open() as f:
+                    data = bytearray(weights.identity[2])
+                    if f.readinto(data) == len(data):
+                        return self._parse(data)
+            except AdapterFilesChanged:
+                pass
+            adapter = load_peft_adapter(self.folder, self.model, self.max_rank, name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdapterUnavailable(f"adapter {name!r}: {self.folder} cannot be read: {exc}") from None
+        if adapter.digest != digest:
+            raise AdapterUnavailable(f"adapter {name!r}: {self.folder} changed on disk since it was registered")
+        return adapter
+
+    def open_files(self) -> list[tuple[str, BinaryIO]]:
+        """The config and weights files as validated, open; AdapterFilesChanged if either changed."""
+        opened: list[tuple[str, BinaryIO]] = []
+        try:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                opened.append((name, self.files[name].open()))
+        except AdapterFilesChanged:
+            for _, f in opened:
+                f.close()
+            raise
+        return opened
+
+    def _parse(self, data: bytearray) -> LoraAdapter:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        base = 8 + n
+        found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            parts = key.split(".")
+            layer, module = int(parts[4]), parts[6]
+            ab = "M" if parts[7] == "lora_magnitude_vector" else parts[7][-1]
+            lo, hi = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            start = base + lo
+            buf = data if start % dtype.itemsize == 0 else bytearray(data[start : base + hi])
+            t = torch.frombuffer(buf, dtype=dtype, count=(hi - lo) // dtype.itemsize,
+                                 offset=start if buf is data else 0)
+            found.setdefault((layer, module), {})[ab] = t.view(info["shape"]).float()
+        modules = {}
+        for k, scale in self.scales.items():
+            a, b = found[k]["A"], found[k]["B"]
+            if a.shape[0] != self.ranks[k] or b.shape[1] != self.ranks[k]:
+                raise AdapterUnavailable(f"adapter {self.meta['name']!r}: {k} has a different rank on disk")
+            modules[k] = ModuleLora(a=a, b=b, scale=scale, magnitude=found[k].get("M"))
+        return LoraAdapter(modules=modules, **self.meta)
