@@ -56,6 +56,12 @@ class PageAllocator:
         self.num_free += len(pages)
 
 
+def lora_pool_dtype(model) -> torch.dtype:
+    """float32 on a CPU (the CPU path computes adapter deltas in float32,
+    see kernels/cpu.py), the model's dtype on a GPU."""
+    return torch.float32 if model.device.type == "cpu" else model.dtype
+
+
 def page_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_path: bool = False) -> int:
     """Bytes of one rank-row page: one row of A and of B^T for every module of
     every layer (plus the CPU path's block-diagonal copy of B, see below)."""

@@ -25,10 +25,11 @@ from typing import Callable
 
 import torch
 
-from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.host_cache import HostCache, pinned_copy
 from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter
 from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
+from loramux.server.config import EngineConfig
 from loramux.server.errors import Conflict, Unprocessable
 
 log = logging.getLogger("loramux.adapter_pool")
@@ -128,6 +129,19 @@ class AdapterPool:
         dev = device_pool.page_table.device
         self._cuda = dev.type == "cuda"
         self._stream = torch.cuda.Stream(dev) if self._cuda else None
+
+    @classmethod
+    def for_model(cls, model, config: EngineConfig) -> "AdapterPool":
+        """The pool a served model gets: the device tier in lora_pool_dtype; the
+        host tier 0 on a CPU, whose device tier is host memory already, else
+        4 GiB, unless the config says."""
+        cpu = model.device.type == "cpu"
+        host_bytes = config.adapter_host_bytes
+        if host_bytes is None:
+            host_bytes = 0 if cpu else 4 * 2**30
+        device = DeviceLoraPool(model.cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
+                                lora_pool_dtype(model), model.device)
+        return cls(device, host_bytes, prefetch=config.adapter_prefetch, mix_bytes=config.mix_pool_bytes)
 
     # -- registry -----------------------------------------------------------
 

@@ -14,9 +14,8 @@ import dataclasses
 import torch
 
 from loramux.bench.common import interleaved_medians, random_adapter
-from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
-from loramux.server.engine.engine import lora_pool_dtype
 from loramux.server.llm import DTYPES, load_base
 from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from loramux.bench.common import random_adapter
-from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.sources import AdapterSource
 from loramux.server.config import EngineConfig
-from loramux.server.engine.engine import Engine, lora_pool_dtype
+from loramux.server.engine.engine import Engine
 from loramux.server.llm import load_base
 from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, save_peft_adapter
 from loramux.server.engine.sampling import SamplingParams

@@ -16,7 +16,6 @@ from typing import AsyncIterator
 
 import torch
 
-from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.config import EngineConfig
 from loramux.server.errors import Failed, Invalid, NotFound
@@ -70,12 +69,6 @@ class _Generation:
     first_token_time: float | None = None
 
 
-def lora_pool_dtype(model) -> torch.dtype:
-    """float32 on a CPU (the CPU path computes adapter deltas in float32,
-    see kernels/cpu.py), the model's dtype on a GPU."""
-    return torch.float32 if model.device.type == "cpu" else model.dtype
-
-
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig, adapters: AdapterPool | None = None):
         self.config = config
@@ -86,15 +79,7 @@ class Engine:
         num_blocks = KVCache.blocks_for_budget(cfg, config.kv_cache_bytes, config.block_size, model.dtype)
         self.kv = KVCache(cfg, num_blocks, config.block_size, model.dtype, model.device)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        if adapters is None:
-            host_bytes = config.adapter_host_bytes
-            if host_bytes is None:  # a CPU's device tier is host memory already
-                host_bytes = 0 if model.device.type == "cpu" else 4 * 2**30
-            adapters = AdapterPool(DeviceLoraPool(
-                cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
-                lora_pool_dtype(model), model.device,
-            ), host_bytes, prefetch=config.adapter_prefetch, mix_bytes=config.mix_pool_bytes)
-        self.adapters = adapters
+        self.adapters = adapters = adapters if adapters is not None else AdapterPool.for_model(model, config)
         self.scheduler = Scheduler(
             config, self.allocator,
             adapter_ready=adapters.is_resident,
