@@ -74,7 +74,8 @@ def _serve(args) -> int:
     from loramux.server.api.app import create_app
     from loramux.server.api.state import ServerSettings, ServerState, adapter_info
     from loramux.server.config import EngineConfig
-    from loramux.server.engine.engine import AsyncEngine, Engine
+    from loramux.server.engine.async_engine import AsyncEngine
+    from loramux.server.engine.engine import Engine
     from loramux.server.llm import load_base, resolve_dtype
     from loramux.server.metrics import Metrics
 
@@ -121,7 +122,7 @@ def _serve(args) -> int:
         allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
         max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
     )
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, on_step=metrics.on_step)
     state = ServerState(async_engine, store, settings, metrics, adapters=infos)
     app = create_app(state)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loramux.server import LLM
-from loramux.server.engine.engine import AsyncEngine
+from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.engine.sampling import SamplingParams
 from tiny import VOCAB, make_adapter, make_model
 
@@ -101,10 +101,10 @@ def test_async_engine_streams_and_aborts_on_consumer_exit(setup, alone):
     engine = AsyncEngine(llm.engine)
 
     async def collect(p, s, a):
-        return [t for out in [o async for o in engine.generate(p, s, a)] for t in out.token_ids]
+        return [t for out in [o async for o in engine.generate(llm.engine.check_request(p, s, a))] for t in out.token_ids]
 
     async def abandon(p, a):
-        async for _ in engine.generate(p, SamplingParams(max_tokens=400, ignore_eos=True), a):
+        async for _ in engine.generate(llm.engine.check_request(p, SamplingParams(max_tokens=400, ignore_eos=True), a)):
             break  # the consumer goes away after the first token
 
     async def main():

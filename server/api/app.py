@@ -35,7 +35,6 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.loramux = state
     app.add_middleware(Gate, state=state)
     install_handlers(app)
-    state.engine.on_step = state.metrics.on_step
     generation = GenerationService(state)
     app.include_router(openai_router(state, generation))
     app.include_router(adapters_router(AdapterService(state, generation)))

@@ -24,7 +24,8 @@ from loramux.adapters_store.peft_format import LoraAdapter
 from loramux.server.api.errors import event_for
 from loramux.server.api.protocol import Usage
 from loramux.server.api.state import ServerState
-from loramux.server.engine.engine import AsyncEngine, RequestOutput
+from loramux.server.engine.async_engine import AsyncEngine
+from loramux.server.engine.engine import CheckedRequest, RequestOutput
 from loramux.server.engine.sampling import SamplingParams
 from loramux.server.errors import Busy, ClientGone, Failed, Invalid, LoramuxError, NotFound
 from loramux.server.metrics import RequestTimer
@@ -58,8 +59,11 @@ def build_sampling(body, max_tokens: int, logprobs: int | None, seed_offset: int
 class Job:
     index: int  # choice index
     prompt_index: int
-    prompt_ids: list[int]
-    sampling: SamplingParams
+    checked: CheckedRequest
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.checked.prompt_ids
 
 
 class MixLease:
@@ -90,7 +94,8 @@ class Fanout:
 
     async def _run(self, engine: AsyncEngine, i: int, job: Job, adapter: str | None) -> None:
         try:
-            async for out in engine.generate(job.prompt_ids, job.sampling, adapter):
+            async for out in engine.generate(job.checked if adapter is None or job.checked.adapter == adapter
+                                             else CheckedRequest(job.prompt_ids, job.checked.sampling, adapter)):
                 self.queue.put_nowait((i, out))
         except asyncio.CancelledError:
             raise
@@ -247,8 +252,7 @@ class GenerationService:
                 limit = max_tokens if max_tokens is not None else \
                     max(1, min(self.context_len, self.kv_tokens) - len(ids))
                 sampling = build_sampling(body, limit, logprobs, k)
-                self.core.check_request(ids, sampling, adapter)
-                jobs.append(Job(len(jobs), p, ids, sampling))
+                jobs.append(Job(len(jobs), p, self.core.check_request(ids, sampling, adapter)))
         if self.engine.num_waiting() + len(jobs) > self.core.config.max_waiting:
             raise Busy("the server is busy: too many requests waiting", code="queue_full")
         return jobs

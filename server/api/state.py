@@ -9,7 +9,7 @@ from pathlib import Path
 from loramux.adapters_store.peft_format import LoraAdapter
 from loramux.adapters_store.store import AdapterStore
 from loramux.server.api.protocol import AdapterInfo
-from loramux.server.engine.engine import AsyncEngine
+from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.metrics import Metrics
 
 

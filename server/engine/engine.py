@@ -1,18 +1,15 @@
 """The engine: one step = schedule -> make adapters resident -> run -> postprocess.
 
 `Engine` is synchronous and single-threaded (the offline `LLM` drives it
-directly). `AsyncEngine` runs it in its own thread and hands each request's
-outputs to an asyncio queue, for the HTTP server.
+directly). `AsyncEngine` (async_engine.py) runs it in its own thread and hands
+each request's outputs to an asyncio queue, for the HTTP server.
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import torch
 
@@ -54,6 +51,16 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # set, with finish_reason "error", when the engine failed this request
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed Engine.check_request, the one validation: only
+    that method makes these, and admit() takes nothing else."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None  # the adapter name asked for; None: the base model
 
 
 @dataclass
@@ -98,8 +105,10 @@ class Engine:
 
     # -- requests -------------------------------------------------------------
 
-    def check_request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None) -> None:
-        """Raise RequestError for a request that can never be served."""
+    def check_request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None) -> CheckedRequest:
+        """The request, checked; RequestError (or NotFound) for one that can never be served.
+        Reads only fixed sizes and the adapter names, so the API calls it on
+        the event loop, before anything reaches the engine thread."""
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -122,6 +131,7 @@ class Engine:
             raise RequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if adapter is not None and adapter not in self.adapters:
             raise NotFound(f"The model `{adapter}` does not exist.", "model", "model_not_found")
+        return CheckedRequest(list(prompt_ids), sampling, adapter)
 
     def add_request(
         self,
@@ -130,12 +140,22 @@ class Engine:
         adapter: str | None = None,
         request_id: str | None = None,
     ) -> str:
-        self.check_request(prompt_ids, sampling, adapter)
-        request_id = request_id or f"req-{next(self._ids)}"
-        # The request holds the adapter's digest: a name deleted and uploaded
-        # again meanwhile does not change the weights it is served with.
+        """Check and admit a request (the offline API's edge); its id."""
+        return self.admit(self.check_request(prompt_ids, sampling, adapter), request_id)
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def admit(self, checked: CheckedRequest, request_id: str | None = None) -> str:
+        """Queue a checked request. The request holds the adapter's digest: a
+        name deleted and uploaded again meanwhile does not change the weights
+        it is served with; one deleted since the check is NotFound."""
+        request_id = request_id or self.new_request_id()
+        adapter, sampling = checked.adapter, checked.sampling
         digest = self.adapters.resolve(adapter) if adapter is not None else None
-        request = Request(request_id, list(prompt_ids), sampling, digest)
+        if adapter is not None and digest is None:
+            raise NotFound(f"The model `{adapter}` does not exist.", "model", "model_not_found")
+        request = Request(request_id, list(checked.prompt_ids), sampling, digest)
         self.scheduler.add(request)
         if digest is not None:
             self.adapters.acquire(digest)
@@ -146,7 +166,8 @@ class Engine:
             IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sampling.stop)
             if self.tokenizer is not None else None
         )
-        self._gens[request_id] = _Generation(request, adapter, detok, SampleState.for_params(sampling, self.model.device), stop_ids)
+        self._gens[request_id] = _Generation(request, adapter, detok,
+                                             SampleState.for_params(sampling, self.model.device), stop_ids)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -156,6 +177,14 @@ class Engine:
         if request is not None and request.adapter is not None:
             self.adapters.release(request.adapter)
         return request is not None
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request (the last resort of a step that failed
+        outside the per-request isolation); their ids."""
+        ids = list(self._gens)
+        for request_id in ids:
+            self.abort(request_id)
+        return ids
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -343,128 +372,3 @@ class Engine:
             for o in self.step():
                 results.setdefault(o.request_id, []).append(o)
         return results
-
-
-class AsyncEngine:
-    """Runs an Engine in its own thread; `generate` is an async iterator.
-
-    Adds and aborts from the event loop are queued and applied by the engine
-    thread between steps, so the engine itself is only ever touched by one
-    thread.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._pending: list[tuple] = []
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._wake = threading.Condition()
-        self._stop = False
-        self.last_progress = time.monotonic()
-        # Called in the engine thread after every step as on_step(engine,
-        # outputs), e.g. to update metrics; it must not raise or block.
-        self.on_step = None
-        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
-        self._thread.start()
-
-    async def generate(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        self.engine.check_request(prompt_ids, sampling, adapter)
-        request_id = request_id or f"req-{next(self.engine._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit(("add", prompt_ids, sampling, adapter, request_id))
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:  # the consumer went away: free the request now
-                self._submit(("abort", request_id))
-
-    async def call(self, fn):
-        """Run fn(engine) in the engine thread between steps; its result or exception."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._submit(("call", fn, loop, future))
-        return await future
-
-    def num_waiting(self) -> int:
-        """Requests waiting in the engine plus adds not applied yet (for admission control)."""
-        with self._wake:
-            pending = sum(op[0] == "add" for op in self._pending)
-        return self.engine.scheduler.num_waiting + pending
-
-    def _submit(self, op: tuple) -> None:
-        with self._wake:
-            self._pending.append(op)
-            self._wake.notify()
-
-    def _deliver(self, request_id: str, item) -> None:
-        entry = self._queues.get(request_id)
-        if entry is not None:
-            loop, queue = entry
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stop and not self._pending and not self.engine.has_unfinished():
-                    self.last_progress = time.monotonic()
-                    self._wake.wait(timeout=1.0)
-                if self._stop:
-                    return
-                ops, self._pending = self._pending, []
-            for op in ops:
-                if op[0] == "add":
-                    _, prompt_ids, sampling, adapter, request_id = op
-                    try:
-                        self.engine.add_request(prompt_ids, sampling, adapter, request_id)
-                    except Exception as exc:  # e.g. deleted adapter between check and add
-                        self._deliver(request_id, exc)
-                elif op[0] == "call":
-                    _, fn, loop, future = op
-                    try:
-                        result, error = fn(self.engine), None
-                    except Exception as exc:
-                        result, error = None, exc
-                    loop.call_soon_threadsafe(_resolve, future, result, error)
-                else:
-                    self.engine.abort(op[1])
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a bug or OOM in one step must not kill the server
-                log.exception("engine step failed; aborting the requests in flight")
-                for request_id in list(self.engine._gens):
-                    self.engine.abort(request_id)
-                    self._deliver(request_id, RuntimeError(f"engine step failed: {type(exc).__name__}"))
-                continue
-            for output in outputs:
-                self._deliver(output.request_id, RequestFailed(output.error) if output.error else output)
-            if self.on_step is not None:
-                try:
-                    self.on_step(self.engine, outputs)
-                except Exception:
-                    log.exception("on_step hook failed")
-            self.last_progress = time.monotonic()
-
-    def shutdown(self) -> None:
-        with self._wake:
-            self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
-
-
-def _resolve(future: asyncio.Future, result, error: Exception | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
