@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -162,39 +158,3 @@ def merge_into_base(weights: dict[str, torch.Tensor], adapter: LoraAdapter) -> d
             merged = ml.dora_scale(w0)[:, None] * merged
         out[wname] = merged.to(weights[wname].dtype).contiguous()
     return out
-
-
-def export_merged(model: str | None, adapter_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write a full HF checkpoint (config, tokenizer, model.safetensors) of the
-    base model `model` with the PEFT adapter at `adapter_path` merged in; the
-    folder appears whole or not at all."""
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    from loramux.server.config import ModelConfig
-    from loramux.server.model.loader import load_safetensors_weights, resolve_model_dir
-    from loramux.adapters_store.peft_format import load_peft_adapter
-
-    folder = resolve_model_dir(model)
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(folder))
-    ranks_cap = 1 << 16  # an export is not bound by a serving pool's rank limit
-    adapter = load_peft_adapter(adapter_path, cfg, ranks_cap)
-    weights = merge_into_base(load_safetensors_weights(folder), adapter)
-
-    target = Path(out_dir)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        for f in folder.iterdir():  # config, generation config, tokenizer files
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target

@@ -37,7 +37,7 @@ def _generate(args) -> int:
 
 
 def _export_merged(args) -> int:
-    from loramux.adapters_store.arithmetic import export_merged
+    from loramux.server.model.export import export_merged
     from loramux.adapters_store.peft_format import AdapterError
 
     try:
@@ -69,10 +69,10 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    from loramux.adapters_store.sources import AdapterSource
     from loramux.adapters_store.store import AdapterStore
     from loramux.server.api.app import create_app
-    from loramux.server.api.state import ServerSettings, ServerState, adapter_info
+    from loramux.server.api.adapter_service import restore_stored
+    from loramux.server.api.state import ServerSettings, ServerState
     from loramux.server.config import EngineConfig
     from loramux.server.engine.async_engine import AsyncEngine
     from loramux.server.engine.engine import Engine
@@ -104,17 +104,7 @@ def _serve(args) -> int:
     metrics = Metrics(config.max_loras_per_batch)
     data_dir = Path(args.data_dir)
     store = AdapterStore(args.adapter_dir or data_dir / "adapters")
-    infos = {}
-    for adapter, meta in store.iter_all(net.cfg, config.max_lora_rank):
-        try:  # metadata only: the weights stay on disk until a request needs them
-            engine.adapters.register(AdapterSource.from_folder(store.path(adapter.name), adapter, net.cfg,
-                                                               config.max_lora_rank))
-        except (KeyError, ValueError, OSError) as exc:
-            log.error("skipping stored adapter %r: %s", adapter.name, exc)
-            continue
-        infos[adapter.name] = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
-        metrics.track_adapter(adapter.name)
-    log.info("%d adapters loaded from %s", len(infos), store.root)
+    infos = restore_stored(engine, store, metrics)
     served = args.served_model_name or (
         DEFAULT_SERVED_NAME if args.model in (None, "default") else Path(args.model).name.removesuffix(".gguf"))
     settings = ServerSettings(

@@ -21,8 +21,8 @@ import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from live_server import BASE, KEY, ROOT, Server, assert_error, assert_serving, make_api_files, upload, upload_dir
-from tiny import make_adapter
+from helpers.live_server import BASE, KEY, ROOT, Server, assert_error, assert_serving, make_api_files, upload, upload_dir
+from helpers.tiny import make_adapter
 
 VICTIM_TOKENS = 48
 VICTIMS = [  # (model, extra body)
@@ -405,3 +405,16 @@ def test_an_empty_api_key_is_refused_at_start(files, how):
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "API key is empty" in proc.stderr
+
+
+def test_a_stored_adapter_above_a_new_max_rank_is_skipped_at_start(server, files):
+    """a1 (r=8) and a2 (r=4) are stored; restarted with --max-lora-rank 4 the
+    server starts, skips a1 with a log line and serves a2."""
+    s = Server(files / "base", files / "store", "--max-lora-rank", "4")
+    try:
+        names = {m["id"] for m in s.http.get("/v1/models").json()["data"]}
+        assert "a2" in names and "a1" not in names
+        assert s.http.post("/v1/completions", json={"model": "a2", "prompt": "Hi", "max_tokens": 2}).status_code == 200
+        assert "skipping stored adapter 'a1'" in s.output()
+    finally:
+        s.stop()

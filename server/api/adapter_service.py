@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -24,15 +25,42 @@ from loramux.adapters_store.files import AdapterFilesChanged, PinnedFile
 from loramux.adapters_store.peft_format import CONFIG_NAME, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, \
     AdapterError, LoraAdapter, load_peft_adapter, parse_peft_adapter, peft_files
 from loramux.adapters_store.sources import AdapterSource, FolderLoader
-from loramux.adapters_store.store import check_name
+from loramux.adapters_store.store import AdapterStore, check_name
 from loramux.server.api.generation import GenerationService
 from loramux.server.api.protocol import AdapterInfo, MergeRequest
 from loramux.server.api.state import ServerState, adapter_info
-from loramux.server.errors import Conflict, Forbidden, Invalid, NotFound, Unprocessable
+from loramux.server.engine.engine import Engine
+from loramux.server.errors import Conflict, Forbidden, Invalid, LoramuxError, NotFound, Unprocessable
+from loramux.server.metrics import Metrics
+
+log = logging.getLogger("loramux.adapters")
 
 
 def _invalid_adapter(exc: AdapterError) -> Unprocessable:
     return Unprocessable(str(exc), exc.field, "invalid_adapter")
+
+
+def _register(engine: Engine, metrics: Metrics, source: AdapterSource) -> None:
+    """The one registration (in the engine thread, or before it starts)."""
+    engine.adapters.register(source)
+    metrics.track_adapter(source.name)
+
+
+def restore_stored(engine: Engine, store: AdapterStore, metrics: Metrics) -> dict[str, AdapterInfo]:
+    """Register every adapter the store holds, before the engine thread starts;
+    one that no longer validates or fits (e.g. above a new --max-lora-rank) is
+    logged and skipped. Metadata only: weights stay on disk until needed."""
+    cfg, max_rank = engine.model.cfg, engine.config.max_lora_rank
+    infos = {}
+    for adapter, meta in store.iter_all(cfg, max_rank):
+        try:
+            _register(engine, metrics, AdapterSource.from_folder(store.path(adapter.name), adapter, cfg, max_rank))
+        except (LoramuxError, OSError) as exc:
+            log.error("skipping stored adapter %r: %s", adapter.name, exc)
+            continue
+        infos[adapter.name] = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
+    log.info("%d adapters loaded from %s", len(infos), store.root)
+    return infos
 
 
 class AdapterService:
@@ -80,11 +108,7 @@ class AdapterService:
     async def register(self, source: AdapterSource, info: AdapterInfo) -> None:
         """Register the adapter's metadata; its weights stay on disk until a request needs them."""
 
-        def add(e):
-            e.adapters.register(source)
-            self.state.metrics.track_adapter(source.name)
-
-        await self.engine.call(add)
+        await self.engine.call(lambda e: _register(e, self.state.metrics, source))
         self.state.adapters[source.name] = info
 
     async def save_and_register(self, adapter: LoraAdapter, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
