@@ -524,23 +524,35 @@ def _check_not_pickle(data: bytes) -> None:
             "only safetensors adapter weights are accepted", WEIGHTS_NAME)
 
 
+def tensor_key_parts(key: str) -> tuple[int, str, str, str] | None:
+    """(layer, parent, module, "A" | "B" | "M") of a PEFT tensor key, or None
+    if it is not one of the shapes above (the module is not checked here)."""
+    m = _KEY_RE.fullmatch(key)
+    if m is None:
+        return None
+    return int(m["layer"]), m["parent"], m["module"], "M" if m["mag"] else m["ab"]
+
+
+def safetensors_dtype(name: str) -> torch.dtype:
+    return _ST_DTYPES[name]
+
+
 def _collect(tensors: dict[str, torch.Tensor], model: ModelConfig) -> dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]]:
     """Tensor key -> {(layer, module): {"A"|"B"|"M": (key, tensor)}}; refuses keys we do not serve."""
     found: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
-        m = _KEY_RE.fullmatch(key)
-        if m is None:
+        parts = tensor_key_parts(key)
+        if parts is None:
             raise AdapterError(f"{key}: unexpected tensor; only lora_A/lora_B weights (and DoRA's "
                                f"lora_magnitude_vector) of {', '.join(LORA_MODULES)} are supported", key)
-        module, layer = m["module"], int(m["layer"])
-        if module not in LORA_MODULES or _PARENT[module] != m["parent"]:
-            raise AdapterError(f"{key}: {m['parent']}.{module} is not a supported LoRA module "
+        layer, parent, module, ab = parts
+        if module not in LORA_MODULES or _PARENT[module] != parent:
+            raise AdapterError(f"{key}: {parent}.{module} is not a supported LoRA module "
                                f"(supported: {', '.join(LORA_MODULES)})", key)
         if layer >= model.num_layers:
             raise AdapterError(f"{key}: layer index {layer} is out of range; the base model has "
                                f"{model.num_layers} layers", key)
         slot = found.setdefault((layer, module), {})
-        ab = "M" if m["mag"] else m["ab"]
         what = "lora_magnitude_vector" if ab == "M" else f"lora_{ab}"
         if ab in slot:
             raise AdapterError(f"{key}: {what} of {_module_name(layer, module)} is given twice "

@@ -11,7 +11,8 @@ from typing import BinaryIO, Callable
 import torch
 
 from loramux.adapters_store.files import AdapterFilesChanged, PinnedFile
-from loramux.adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter
+from loramux.adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, ModuleLora, load_peft_adapter, \
+    safetensors_dtype, tensor_key_parts
 from loramux.server.config import ModelConfig
 
 # ---------------------------------------------------------------------------
@@ -59,9 +60,6 @@ class _Held:
 
     def __call__(self) -> LoraAdapter:
         return self.adapter
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class FolderLoader:
@@ -127,11 +125,9 @@ class FolderLoader:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            parts = key.split(".")
-            layer, module = int(parts[4]), parts[6]
-            ab = "M" if parts[7] == "lora_magnitude_vector" else parts[7][-1]
+            layer, _, module, ab = tensor_key_parts(key)  # validated at registration: never None
             lo, hi = info["data_offsets"]
-            dtype = _ST_DTYPES[info["dtype"]]
+            dtype = safetensors_dtype(info["dtype"])
             start = base + lo
             buf = data if start % dtype.itemsize == 0 else bytearray(data[start : base + hi])
             t = torch.frombuffer(buf, dtype=dtype, count=(hi - lo) // dtype.itemsize,
