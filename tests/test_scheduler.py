@@ -53,12 +53,12 @@ def check_output(s: Scheduler, out: SchedulerOutput):
         assert len(r.block_ids) >= s.allocator.blocks_needed(c.start + c.num_tokens)
         assert c.token_ids == r.all_ids[c.start:c.start + c.num_tokens]
     # Each adapter's chunks are contiguous (base model too).
-    runs = [c.adapter for i, c in enumerate(out.chunks) if i == 0 or out.chunks[i - 1].adapter != c.adapter]
-    assert len(runs) == len(set(runs)), f"adapters not contiguous: {[c.adapter for c in out.chunks]}"
-    assert out.adapters == {c.adapter for c in out.chunks} - {None}
-    assert len(out.adapters) <= s.max_loras_per_batch
-    if out.adapters:
-        assert s.adapters_fit(out.adapters)
+    runs = [c.adapter_digest for i, c in enumerate(out.chunks) if i == 0 or out.chunks[i - 1].adapter_digest != c.adapter_digest]
+    assert len(runs) == len(set(runs)), f"adapters not contiguous: {[c.adapter_digest for c in out.chunks]}"
+    assert out.adapter_digests == {c.adapter_digest for c in out.chunks} - {None}
+    assert len(out.adapter_digests) <= s.max_loras_per_batch
+    if out.adapter_digests:
+        assert s.adapters_fit(out.adapter_digests)
     for r in out.preempted:
         assert r.status is RequestStatus.WAITING and not r.block_ids and r.num_computed_tokens == 0
         assert r.request_id not in ids
@@ -76,7 +76,7 @@ def check_invariants(s: Scheduler):
         assert r.status is RequestStatus.RUNNING
         assert len(r.block_ids) == s.allocator.blocks_needed(r.num_computed_tokens)
     assert [r.arrival for r in s.waiting] == sorted(r.arrival for r in s.waiting)
-    adapters = frozenset(r.adapter for r in s.running) - {None}
+    adapters = frozenset(r.adapter_digest for r in s.running) - {None}
     assert len(adapters) <= s.max_loras_per_batch
     if adapters:
         assert s.adapters_fit(adapters)
@@ -151,7 +151,7 @@ def test_add_assigns_increasing_arrivals_and_validates():
 def test_empty_step():
     s, _ = make()
     out = s.schedule()
-    assert out.is_empty and out.num_batched_tokens == 0 and out.adapters == frozenset()
+    assert out.is_empty and out.num_batched_tokens == 0 and out.adapter_digests == frozenset()
     assert not s.has_unfinished()
 
 
@@ -428,7 +428,7 @@ def test_max_loras_per_batch_never_exceeded():
     for r in rs:
         s.add(r)
     outs = run_all(s)
-    assert max(len(o.adapters) for o in outs) == 2
+    assert max(len(o.adapter_digests) for o in outs) == 2
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in rs)
 
 
@@ -445,11 +445,11 @@ def test_adapters_fit_is_respected():
     for r in rs:
         s.add(r)
     out = step(s)
-    assert out.adapters == {"a", "b", "d"}  # c (32) does not fit next to a + b (24)
-    assert {r.adapter for r in s.waiting} == {"c"}
+    assert out.adapter_digests == {"a", "b", "d"}  # c (32) does not fit next to a + b (24)
+    assert {r.adapter_digest for r in s.waiting} == {"c"}
     outs = run_all(s)
-    assert all(sum(ranks[a] for a in o.adapters) <= 40 for o in outs)
-    assert any("c" in o.adapters for o in outs) and seen
+    assert all(sum(ranks[a] for a in o.adapter_digests) <= 40 for o in outs)
+    assert any("c" in o.adapter_digests for o in outs) and seen
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in rs)
 
 
@@ -460,7 +460,7 @@ def test_chunks_grouped_by_adapter():
     for r in first:
         s.add(r)
     out = step(s)
-    assert [c.adapter for c in out.chunks] == [None, None, "a", "a", "b", "b", "c", "c"]
+    assert [c.adapter_digest for c in out.chunks] == [None, None, "a", "a", "b", "b", "c", "c"]
     later = [req(10 + i, 5, adapter=a, max_tokens=3) for i, a in enumerate(reversed(pattern))]
     for r in later:
         s.add(r)

@@ -92,7 +92,7 @@ class Engine:
             adapter_ready=adapters.is_resident,
             adapters_fit=lambda names: adapters.fits(names, self._adapters_in_use()),
         )
-        self.runner = ModelRunner(model, self.kv, adapters.device)
+        self.runner = ModelRunner.for_pool(model, self.kv, adapters.device)
         self._gens: dict[str, _Generation] = {}
         self._ids = itertools.count()
         # For metrics (read in the engine thread by AsyncEngine.on_step).
@@ -101,7 +101,7 @@ class Engine:
 
     def _adapters_in_use(self) -> frozenset[str]:
         """Digests of the adapters that running requests need."""
-        return frozenset(r.adapter for r in self.scheduler.running if r.adapter is not None)
+        return frozenset(r.adapter_digest for r in self.scheduler.running if r.adapter_digest is not None)
 
     # -- requests -------------------------------------------------------------
 
@@ -174,8 +174,8 @@ class Engine:
         """Drop a request in any state; its KV blocks are free on return."""
         self._gens.pop(request_id, None)
         request = self.scheduler.abort(request_id)
-        if request is not None and request.adapter is not None:
-            self.adapters.release(request.adapter)
+        if request is not None and request.adapter_digest is not None:
+            self.adapters.release(request.adapter_digest)
         return request is not None
 
     def abort_all(self) -> list[str]:
@@ -213,7 +213,7 @@ class Engine:
             return []
         self.num_preemptions += len(out.preempted)
         t0 = time.perf_counter()
-        slots, failed = self._make_resident(sorted(out.adapters), in_use)
+        slots, failed = self._make_resident(sorted(out.adapter_digests), in_use)
         self.last_residency_seconds = time.perf_counter() - t0
         # waiting requests' adapters load in the pool's worker while this step runs
         self.adapters.prefetch(self.scheduler.waiting_adapters(), in_use)
@@ -237,7 +237,7 @@ class Engine:
             except Exception as exc:
                 reason = "the adapter could not be loaded" if not isinstance(exc, MemoryError) else \
                     "the adapter does not fit in the device pool"
-                for request in [r for r in self.scheduler.running if r.adapter == digest]:
+                for request in [r for r in self.scheduler.running if r.adapter_digest == digest]:
                     failed.append(self._fail(request, reason))
         return slots, failed
 
@@ -247,7 +247,7 @@ class Engine:
         raises, each half is run alone, recursively: the chunks that raise on
         their own are failed (appended to `failed`), the others keep the
         logits of the part they ran in."""
-        seqs = [SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter, -1), c.samples)
+        seqs = [SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter_digest, -1), c.samples)
                 for c in chunks]
         sampled = [c for c in chunks if c.samples]
         if not seqs:
@@ -288,8 +288,8 @@ class Engine:
         log.error("request %s failed: %s", request.request_id, reason)
         g = self._gens.pop(request.request_id)
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        if request.adapter is not None:
-            self.adapters.release(request.adapter)
+        if request.adapter_digest is not None:
+            self.adapters.release(request.adapter_digest)
         return RequestOutput(
             request_id=request.request_id, adapter=g.adapter_name, text="", token_ids=[], logprobs=[],
             finished=True, finish_reason="error", num_prompt_tokens=request.num_prompt_tokens,
@@ -351,8 +351,8 @@ class Engine:
                 text += g.detok.flush()
             self.scheduler.finish(req, status)
             del self._gens[req.request_id]
-            if req.adapter is not None:
-                self.adapters.release(req.adapter)
+            if req.adapter_digest is not None:
+                self.adapters.release(req.adapter_digest)
         return RequestOutput(
             request_id=req.request_id,
             adapter=g.adapter_name,

@@ -48,7 +48,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     sampling: Any  # anything with `max_tokens: int` (loramux.server.engine.sampling.SamplingParams)
-    adapter: str | None = None  # None: the base model
+    adapter_digest: str | None = None  # the adapter's content digest; None: the base model
     arrival: int = -1  # set by Scheduler.add: a monotonically increasing counter
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

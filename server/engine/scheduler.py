@@ -37,8 +37,8 @@ class ScheduledChunk:
         self.samples = self.start + self.num_tokens == self.request.num_tokens
 
     @property
-    def adapter(self) -> str | None:
-        return self.request.adapter
+    def adapter_digest(self) -> str | None:
+        return self.request.adapter_digest
 
     @property
     def token_ids(self) -> list[int]:
@@ -52,7 +52,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Request]
     num_batched_tokens: int
-    adapters: frozenset[str]  # distinct non-None adapters of the chunks
+    adapter_digests: frozenset[str]  # distinct non-None adapter digests of the chunks
 
     @property
     def is_empty(self) -> bool:
@@ -209,7 +209,7 @@ class Scheduler:
 
     def waiting_adapters(self) -> list[str]:
         """Distinct adapters of waiting requests, oldest first (for prefetch)."""
-        return list(dict.fromkeys(r.adapter for r in self._waiting if r.adapter is not None))
+        return list(dict.fromkeys(r.adapter_digest for r in self._waiting if r.adapter_digest is not None))
 
     # ---- one step ---------------------------------------------------------
 
@@ -230,7 +230,7 @@ class Scheduler:
             n = min(request.num_uncomputed, budget)
             if n == 0:
                 continue
-            if not self._step_adapter_fits(step_adapters, request.adapter):
+            if not self._step_adapter_fits(step_adapters, request.adapter_digest):
                 continue
             while self._blocks_short(request, n) > 0:
                 victim = self._running[-1]
@@ -249,11 +249,11 @@ class Scheduler:
                     continue
             self._grow(request, n)
             chunks[request.request_id] = ScheduledChunk(request, request.num_computed_tokens, n)
-            if request.adapter is not None:
-                step_adapters.add(request.adapter)
+            if request.adapter_digest is not None:
+                step_adapters.add(request.adapter_digest)
             budget -= n
         # Adapters of the chunks that survived preemption.
-        step_adapters = {c.adapter for c in chunks.values() if c.adapter is not None}
+        step_adapters = {c.adapter_digest for c in chunks.values() if c.adapter_digest is not None}
 
         # 3-4. Admission.
         admitted: list[Request] = []
@@ -269,13 +269,13 @@ class Scheduler:
         # 5. Group by adapter, base model first.
         groups: dict[str | None, list[ScheduledChunk]] = {None: []}
         for chunk in chunks.values():
-            groups.setdefault(chunk.adapter, []).append(chunk)
+            groups.setdefault(chunk.adapter_digest, []).append(chunk)
         ordered = [c for group in groups.values() for c in group]
         return SchedulerOutput(
             chunks=ordered,
             preempted=preempted,
             num_batched_tokens=sum(c.num_tokens for c in ordered),
-            adapters=frozenset(a for a in groups if a is not None),
+            adapter_digests=frozenset(a for a in groups if a is not None),
         )
 
     def update_after_step(self, output: SchedulerOutput) -> None:
@@ -304,8 +304,8 @@ class Scheduler:
             n = min(request.num_uncomputed, budget)
             fits = (
                 self.allocator.can_allocate(self.allocator.blocks_needed(n))
-                and self._running_adapter_fits(request.adapter)
-                and self._step_adapter_fits(step_adapters, request.adapter)
+                and self._running_adapter_fits(request.adapter_digest)
+                and self._step_adapter_fits(step_adapters, request.adapter_digest)
             )
             if not fits:
                 tried.add(request.arrival)
@@ -317,8 +317,8 @@ class Scheduler:
             self._add_running(request)
             self._grow(request, n)
             chunks[request.request_id] = ScheduledChunk(request, request.num_computed_tokens, n)
-            if request.adapter is not None:
-                step_adapters.add(request.adapter)
+            if request.adapter_digest is not None:
+                step_adapters.add(request.adapter_digest)
             budget -= n
             admitted.append(request)
         return admitted
@@ -336,8 +336,8 @@ class Scheduler:
                 rank = 1
             elif best_rank <= 2:
                 continue  # only a starved or preempted request can still win
-            elif (request.adapter is None or self._running_adapters[request.adapter] > 0
-                  or self.adapter_ready(request.adapter)):
+            elif (request.adapter_digest is None or self._running_adapters[request.adapter_digest] > 0
+                  or self.adapter_ready(request.adapter_digest)):
                 rank = 2
             else:
                 rank = 3
@@ -377,15 +377,15 @@ class Scheduler:
 
     def _add_running(self, request: Request) -> None:
         bisect.insort(self._running, request, key=lambda r: r.arrival)
-        if request.adapter is not None:
-            self._running_adapters[request.adapter] += 1
+        if request.adapter_digest is not None:
+            self._running_adapters[request.adapter_digest] += 1
 
     def _remove_running(self, request: Request) -> None:
         self._running.remove(request)
-        if request.adapter is not None:
-            self._running_adapters[request.adapter] -= 1
-            if self._running_adapters[request.adapter] == 0:
-                del self._running_adapters[request.adapter]
+        if request.adapter_digest is not None:
+            self._running_adapters[request.adapter_digest] -= 1
+            if self._running_adapters[request.adapter_digest] == 0:
+                del self._running_adapters[request.adapter_digest]
 
     def _free_blocks(self, request: Request) -> None:
         if request.block_ids:
