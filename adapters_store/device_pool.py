@@ -80,9 +80,11 @@ class DeviceLoraPool:
         a[l][g]:       [n, P, in]        the same memory seen as the kernels' layout
         b[l][g]:       [P, out_total]    (kernels/reference.py)
 
-    On a CPU, the torch path also keeps b_block[l][g]: [P, n, out_total], the
-    scaled B rows of slice s in that slice's columns and zeros elsewhere, so
-    that one adapter's delta for a whole group is two matmuls:
+    On a CPU, the pool also keeps b_block[l][g]: [P, n, out_total], the
+    scaled B rows of slice s in that slice's columns and zeros elsewhere, and
+    per slot the views cpu_views[slot][l][g] = (A^T, B_block) built once at
+    load, so that the torch path (CpuLoraBackend, server/model/lora_backend.py)
+    computes one adapter's delta for a whole group in two matmuls:
 
         h = x @ a_pages[pages].view(r*n, in).T          # [t, r*n]
         out += h @ b_block[pages].view(r*n, out_total)  # scale and slice routing folded in
@@ -96,13 +98,14 @@ class DeviceLoraPool:
 
         dora_scale[l][g]: [slots + 1, out_total]   m / ||W0 + s·B·A||_row in the columns
                                                    of a DoRA module, 1.0 elsewhere; the
-                                                   last row (NO_DORA_ROW) is all 1.0, for
+                                                   last row (num_slots) is all 1.0, for
                                                    tokens with no adapter
 
-    computed once when the adapter is written (it needs the base weights:
-    `base_weights(layer, group)` gives the model's fused [out_total, in]
-    weight, attached by the model runner), so serving a DoRA token costs one
-    elementwise multiply of its output row: y = scale ⊙ (W0 x + s·B·A x).
+    computed once when the adapter is written. That needs the base weights:
+    the constructor's `base_weights(layer, group)` gives the model's fused
+    [out_total, in] weight (AdapterPool.for_model passes model.base_weight);
+    a pool built without it refuses DoRA adapters. Serving a DoRA token then
+    costs one elementwise multiply of its output row: y = scale ⊙ (W0 x + s·B·A x).
     `is_dora[slot]` says whether a slot holds a DoRA adapter; batches with
     none skip the multiply.
 
@@ -112,7 +115,8 @@ class DeviceLoraPool:
     """
 
     def __init__(self, cfg: ModelConfig, budget_bytes: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device="cpu"):
+                 dtype: torch.dtype, device="cpu",
+                 base_weights: Callable[[int, str], torch.Tensor] | None = None):
         self.cfg = cfg
         self.max_rank = max_rank
         self.num_slots = num_slots
@@ -151,13 +155,13 @@ class DeviceLoraPool:
              for g, (lo, n) in LORA_GROUPS.items()}
             for _ in range(cfg.num_layers)]
         self.is_dora = [False] * num_slots
-        self.base_weights: Callable[[int, str], torch.Tensor] | None = None
+        self.base_weights = base_weights
         self.page_table = torch.zeros(num_slots, max_rank, dtype=torch.int32, device=device)
         self.ranks = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.int32, device=device)
         self.scales = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.float32, device=device)
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._slot_pages: dict[int, list[int]] = {}
-        # CPU path: per slot, per layer, per group, the (A^T, B_block) views
+        # On a CPU: per slot, per layer, per group, the (A^T, B_block) views
         # the torch path multiplies by; built once at load, read every step.
         self.cpu_views: dict[int, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
@@ -221,7 +225,8 @@ class DeviceLoraPool:
         ranks = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.int32)
         scales = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.float32)
         if adapter.use_dora and self.base_weights is None:
-            raise RuntimeError("a DoRA adapter needs the base weights: attach the pool to a model runner first")
+            raise RuntimeError("a DoRA adapter needs the base weights: build the pool with "
+                               "base_weights=model.base_weight")
         self.is_dora[slot] = False  # no step reads the slot while it is written
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:

@@ -140,7 +140,7 @@ class AdapterPool:
         if host_bytes is None:
             host_bytes = 0 if cpu else 4 * 2**30
         device = DeviceLoraPool(model.cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
-                                lora_pool_dtype(model), model.device)
+                                lora_pool_dtype(model), model.device, base_weights=model.base_weight)
         return cls(device, host_bytes, prefetch=config.adapter_prefetch, mix_bytes=config.mix_pool_bytes)
 
     # -- registry -----------------------------------------------------------

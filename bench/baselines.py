@@ -32,60 +32,11 @@ from pathlib import Path
 
 import torch
 
-from loramux.bench.load_test import POPULARITIES, Length, RequestSpec, Workload
+from loramux.bench.load_test import Length, RequestSpec, Workload
+from loramux.bench.popularity import POPULARITIES
+from loramux.bench.synthetic import make_peft_adapters, make_tiny_model
 
 SYSTEMS = ("peft-single", "peft-mixed", "merged")
-
-
-# ---------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------
-
-def make_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny random Llama with the default model's tokenizer (about 25 MB)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from loramux.server.model.loader import resolve_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(None))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # large enough weights that greedy choices are clear-cut
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)
-    model.eval().save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make_adapters(model_dir: Path, out: Path, names: list[str], ranks: list[int], alpha_scale: float,
-                  seed: int = 0) -> dict[str, Path]:
-    """Random PEFT adapters (all seven projections) for the model in model_dir;
-    adapter i gets rank ranks[i % len(ranks)] and lora_alpha = alpha_scale * rank."""
-    from transformers import AutoConfig
-
-    from loramux.bench.common import random_adapter
-    from loramux.server.config import ModelConfig
-    from loramux.adapters_store.peft_format import save_peft_adapter
-
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
-    folders = {}
-    for i, name in enumerate(names):
-        rank = ranks[i % len(ranks)]
-        adapter = random_adapter(cfg, name, rank, seed=seed + i, alpha=alpha_scale * rank)
-        # the plain PEFT config (short module names, one r and alpha), as vLLM and PEFT expect it
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha_scale * rank,
-                  "target_modules": list(adapter.target_modules), "lora_dropout": 0.0, "bias": "none",
-                  "use_rslora": False, "use_dora": False}
-        save_peft_adapter(dataclasses.replace(adapter, config=config), out / name)
-        folders[name] = out / name
-    return folders
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +238,7 @@ def smoke(workdir: Path, systems=SYSTEMS) -> dict[str, list[list[int]]]:
     requests of varied lengths: every system's greedy tokens."""
     model_dir = make_tiny_model(workdir / "tiny")
     names = ["s0", "s1", "s2"]
-    adapters = make_adapters(model_dir, workdir / "adapters", names, ranks=[8, 4], alpha_scale=200.0)
+    adapters = make_peft_adapters(model_dir, workdir / "adapters", names, ranks=[8, 4], alpha_scale=200.0)
     workload = Workload(12, tuple(names), "uniform", prompt_len=Length.parse("uniform:3:12"),
                         output_len=Length.parse("uniform:4:8"), seed=1)
     specs, prompts = prepare(model_dir, workload)
@@ -344,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.adapter:
             adapters = {n: Path(d) for n, _, d in (a.partition("=") for a in args.adapter)}
         else:
-            adapters = make_adapters(model_dir, Path(tmp), [f"lora-{i}" for i in range(args.num_adapters)],
-                                     [args.rank], alpha_scale=2.0, seed=args.seed)
+            adapters = make_peft_adapters(model_dir, Path(tmp), [f"lora-{i}" for i in range(args.num_adapters)],
+                                          [args.rank], alpha_scale=2.0, seed=args.seed)
         workload = Workload(args.num_requests, tuple(adapters), args.popularity, args.zipf_alpha, args.prompt_len,
                             args.output_len, args.seed)
         specs, prompts = prepare(model_dir, workload)

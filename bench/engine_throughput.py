@@ -19,34 +19,11 @@ from pathlib import Path
 
 import torch
 
-from loramux.server.config import LORA_MODULES
+from loramux.bench.popularity import choose
+from loramux.bench.synthetic import make_peft_adapters
 from loramux.server.llm import LLM
 from loramux.server.model.loader import resolve_model_dir
 from loramux.server.engine.sampling import SamplingParams
-
-
-def zipf_choices(n_items: int, n: int, alpha: float, rng: random.Random) -> list[int]:
-    weights = [1.0 / (i + 1) ** alpha for i in range(n_items)]
-    return rng.choices(range(n_items), weights=weights, k=n)
-
-
-def make_peft_adapters(model_dir: Path, out: Path, count: int, rank: int) -> dict[str, Path]:
-    """Random PEFT adapters for the base model (lora_B non-zero)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    paths = {}
-    for i in range(count):
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_MODULES)))
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        paths[f"ad{i}"] = out / f"ad{i}"
-        model.save_pretrained(paths[f"ad{i}"])
-    return paths
 
 
 def run_loramux(llm: LLM, prompts, adapters, max_tokens: int) -> tuple[float, int]:
@@ -99,9 +76,9 @@ def main(argv=None):
     model_dir = resolve_model_dir(None)
     vocab_hi = 40000
     prompts = [[rng.randrange(100, vocab_hi) for _ in range(args.prompt_len)] for _ in range(args.requests)]
-    names = [f"ad{i}" for i in zipf_choices(args.adapters, args.requests, 1.0, rng)]
+    names = [f"ad{i}" for i in choose("zipf", args.adapters, args.requests, rng)]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_peft_adapters(model_dir, Path(tmp), args.adapters, args.rank)
+        paths = make_peft_adapters(model_dir, Path(tmp), [f"ad{i}" for i in range(args.adapters)], [args.rank])
         llm = LLM(model="default", dtype=args.dtype, adapters=paths, kv_cache_bytes=1 << 30,
                   max_num_seqs=max(64, args.requests), max_num_batched_tokens=1024,
                   max_loras_per_batch=args.adapters, adapter_pool_bytes=2 << 30)

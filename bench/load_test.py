@@ -48,6 +48,8 @@ from pathlib import Path
 
 import httpx
 
+from loramux.bench.popularity import POPULARITIES, choose
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_REQUESTS = 100_000
 MAX_DURATION_S = 3600.0
@@ -114,26 +116,6 @@ class Length:
         return self.kind + ":" + sep.join(f"{v:g}" for v in self.params)
 
 
-POPULARITIES = ("uniform", "zipf", "skewed", "identical", "distinct")
-
-
-def adapter_weights(popularity: str, n: int, zipf_alpha: float = 1.0) -> list[float]:
-    """The probability of each of n adapters (adapter 0 the most popular)."""
-    if popularity in ("uniform", "distinct"):
-        return [1.0 / n] * n
-    if popularity == "identical":
-        return [1.0] + [0.0] * (n - 1)
-    if popularity == "zipf":
-        w = [1.0 / (i + 1) ** zipf_alpha for i in range(n)]
-    elif popularity == "skewed":  # 80 % of the requests to the hottest 20 % of the adapters
-        hot = max(1, round(0.2 * n))
-        w = [0.8 / hot] * hot + ([0.2 / (n - hot)] * (n - hot) if n > hot else [])
-    else:
-        raise ValueError(f"popularity must be one of {POPULARITIES}, not {popularity!r}")
-    total = sum(w)
-    return [x / total for x in w]
-
-
 @dataclass(frozen=True)
 class RequestSpec:
     index: int
@@ -160,11 +142,8 @@ class Workload:
         n = len(self.adapters)
         if n == 0:
             picks = [None] * self.num_requests
-        elif self.popularity == "distinct":
-            picks = [i % n for i in range(self.num_requests)]
         else:
-            picks = rng.choices(range(n), adapter_weights(self.popularity, n, self.zipf_alpha),
-                                k=self.num_requests)
+            picks = choose(self.popularity, n, self.num_requests, rng, self.zipf_alpha)
         specs = []
         for i, pick in enumerate(picks):
             words = [rng.choice(WORDS) for _ in range(self.prompt_len.sample(rng))]

@@ -13,7 +13,8 @@ import dataclasses
 
 import torch
 
-from loramux.bench.common import interleaved_medians, random_adapter
+from loramux.bench.common import interleaved_medians
+from loramux.bench.synthetic import random_adapter
 from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.llm import DTYPES, load_base
@@ -24,10 +25,11 @@ def measure(dtype: str, repeats: int, num_seqs=32, num_adapters=8, rank=16, ctx=
             decode_only=False):
     model, _, _ = load_base("default", dtype, "cpu")
     cfg = model.cfg
-    pool = AdapterPool(DeviceLoraPool(cfg, 1024 * 2**20, 32, 64, lora_pool_dtype(model)))
+    pool = AdapterPool(DeviceLoraPool(cfg, 1024 * 2**20, 32, 64, lora_pool_dtype(model),
+                                      base_weights=model.base_weight))  # DoRA adapters need them
     bs = 16
     kv = KVCache(cfg, 1024, bs, DTYPES[dtype])
-    runner = ModelRunner(model, kv, pool.device)  # before DoRA adapters load: they need the base weights
+    runner = ModelRunner.for_pool(model, kv, pool.device)
     for i in range(num_adapters):
         plain = random_adapter(cfg, f"a{i}", rank, seed=i)
         pool.register(plain)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from loramux.bench.common import random_adapter
+from loramux.bench.popularity import choose
+from loramux.bench.synthetic import random_adapter
 from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.sources import AdapterSource
@@ -66,7 +67,6 @@ def write_adapters(cfg, root: Path, n: int) -> list[AdapterSource]:
 
 def run(engine: Engine, names: list[str], prompts, params) -> float:
     """Output tokens/s of the whole batch of requests."""
-    engine.model.lora_pool = engine.adapters.device  # two engines share one model here
     for p, name in zip(prompts, names):
         engine.add_request(p, params, name)
     t0 = time.perf_counter()
@@ -118,9 +118,8 @@ def main(argv=None):
         del sources
         rss1 = rss_bytes()
 
-        zipf_w = [1.0 / (k + 1) for k in range(n)]
-        zipf_names = [f"ad{k}" for k in rng.choices(range(n), zipf_w, k=num_requests)]
-        uniform_names = [f"ad{rng.randrange(n)}" for _ in range(num_requests)]
+        zipf_names = [f"ad{k}" for k in choose("zipf", n, num_requests, rng)]
+        uniform_names = [f"ad{k}" for k in choose("uniform", n, num_requests, rng)]
         results = {}
         for label, eng, names in (("8 resident", base_engine, [f"r{i % 8}" for i in range(num_requests)]),
                                   ("zipf", engine, zipf_names),

@@ -78,11 +78,11 @@ make_adapters() {
     $PY - "$MODEL_DIR" "$OUT/adapters" "$RANK" "${NAMES[@]}" <<'EOF'
 import sys
 from pathlib import Path
-from loramux.bench.baselines import make_adapters
+from loramux.bench.synthetic import make_peft_adapters
 model, out, rank, names = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 missing = [n for n in names if not (out / n / "adapter_model.safetensors").exists()]
 if missing:
-    make_adapters(model, out, missing, [rank], alpha_scale=2.0, seed=len(names) - len(missing))
+    make_peft_adapters(model, out, missing, [rank], alpha_scale=2.0, seed=len(names) - len(missing))
 EOF
 }
 

@@ -6,9 +6,7 @@ of about 8 on a tiny random Llama and compares with everything resident.
 """
 from __future__ import annotations
 
-import hashlib
 import random
-import threading
 
 import pytest
 import torch
@@ -21,7 +19,9 @@ from loramux.adapters_store.host_cache import HostCache
 from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
 from loramux.server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, ModelConfig
-from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter, ModuleLora, save_peft_adapter
+from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter, save_peft_adapter
+from loramux.bench.popularity import choose
+from loramux.bench.synthetic import random_adapter
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=16, intermediate_size=24, num_layers=2,
                   num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -29,16 +29,8 @@ CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=16, intermedia
 
 
 def synth(cfg: ModelConfig, name: str, rank: int, seed: int = 0, modules=LORA_MODULES) -> LoraAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    mods = {}
-    for layer in range(cfg.num_layers):
-        for m in modules:
-            out_f, in_f = cfg.module_shape(m)
-            mods[(layer, m)] = ModuleLora(torch.randn(rank, in_f, generator=gen) * 0.3,
-                                          torch.randn(out_f, rank, generator=gen) * 0.3, 2.0)
-    digest = hashlib.sha256(f"{name}/{rank}/{seed}".encode()).hexdigest()
-    nbytes = 4 * sum(w.a.numel() + w.b.numel() for w in mods.values())
-    return LoraAdapter(name, rank, 2.0 * rank, tuple(modules), mods, {"r": rank}, digest, nbytes)
+    """An in-memory adapter, weights N(0, 0.3²), scale 2."""
+    return random_adapter(cfg, name, rank, seed, modules, alpha=2.0 * rank, weight_scale=0.3)
 
 
 def device(pages: int, slots: int = 16) -> DeviceLoraPool:
@@ -319,16 +311,11 @@ test_pool_state_machine = PoolMachine.TestCase
 # a tiny model: 200 adapters on disk, a device budget of about 8
 # ---------------------------------------------------------------------------
 
-def _zipf(n: int, count: int, rng: random.Random) -> list[int]:
-    weights = [1.0 / (k + 1) for k in range(n)]
-    return rng.choices(range(n), weights, k=count)
-
-
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
     from transformers import AutoConfig
 
-    from tiny import make_model
+    from helpers.tiny import make_model
 
     root = tmp_path_factory.mktemp("many")
     make_model(root / "base", "llama")
@@ -364,7 +351,7 @@ def test_200_adapters_through_8_resident_equal_all_resident(many):
     root, cfg, adapters = many
     page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
     rng = random.Random(7)
-    picks = _zipf(len(adapters), 300, rng)
+    picks = choose("zipf", len(adapters), 300, rng)
     prompts = [[rng.randrange(3, 128) for _ in range(rng.randint(2, 6))] for _ in picks]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
 

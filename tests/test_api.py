@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from live_server import BASE, KEY, UPLOAD_CAP, Server, assert_error, assert_serving, make_api_files, upload, upload_dir
+from helpers.live_server import BASE, KEY, UPLOAD_CAP, Server, assert_error, assert_serving, make_api_files, upload, upload_dir
 
 
 # ---------------------------------------------------------------------------

@@ -8,16 +8,8 @@ from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
-from test_model import build
-from tiny import VOCAB, make_adapter, make_model, peft_model
-
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def make_dora_adapter(base_dir, out_dir, r=8, alpha=16, seed=0, target_modules=ALL, **options):
-    return make_adapter(base_dir, out_dir, r=r, alpha=alpha, seed=seed, target_modules=target_modules,
-                        use_dora=True, **options)
-
+from helpers.lora_paths import forbid_other_lora_path
+from helpers.tiny import VOCAB, build, make_adapter, make_dora_adapter, make_model, peft_model
 
 # (name, DoRA?, options): DoRA on every module, DoRA on q,v with a rank
 # pattern, rsLoRA DoRA, and plain LoRA adapters beside them
@@ -59,8 +51,10 @@ def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
     kind, base_dir, paths = dora_setup
     monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
     cfg, model, kv = build(base_dir)
-    pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32))
-    runner = ModelRunner(model, kv, pool.device)  # attaches the base weights DoRA needs
+    # DoRA's row scales are computed from the base weights when an adapter is written
+    pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight))
+    runner = ModelRunner.for_pool(model, kv, pool.device)
+    forbid_other_lora_path(monkeypatch, path)
     for name, p in paths.items():
         pool.register(load_peft_adapter(p, cfg, 64, name=name))
     by_digest = pool.make_resident([pool.resolve(n) for n in paths])

@@ -6,12 +6,11 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from loramux.server import LLM
 from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.engine.sampling import SamplingParams
-from tiny import VOCAB, make_adapter, make_model
+from helpers.tiny import VOCAB, make_adapter, make_model
 
 NUM_ADAPTERS = 10
 

@@ -27,7 +27,7 @@ from loramux.server.errors import LoramuxError
 from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, load_peft_adapter
 from loramux.server.api.protocol import CompletionRequest
 from loramux.server.engine.sampling import SamplingParams
-from tiny import VOCAB, make_adapter, make_model
+from helpers.tiny import VOCAB, make_adapter, make_model
 
 VICTIM_PROMPTS = [[5, 9, 14, 3, 22, 7], [30, 31, 32], [100, 4, 4, 90, 17, 60, 2 + 1], [11, 12, 13, 14, 15]]
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)

@@ -3,7 +3,8 @@ the same inputs, against the float32 reference (kernels/reference.py).
 
 Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and the kernels run on
 CPU tensors; with CUDA they run on the GPU. Imports stay torch, triton,
-kernels, pytest so that bench/gpu_check.sh can run this file on a bare GPU box.
+kernels, bench/popularity.py (the standard library only), pytest so that
+bench/gpu_check.sh can run this file on a bare GPU box.
 
 Every problem mixes ranks 4..64 (some slices rank 0) in one launch, base-only
 tokens (slot -1) whose rows of `out` must stay bit-identical, length-0 runs,
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from loramux.bench.popularity import choose
 from loramux.kernels import cpu, reference, sgmv
 from loramux.kernels.segments import NO_ADAPTER, Segments, segments_from_runs
 
@@ -45,20 +47,18 @@ class Problem:
     token_slots: list[int]  # [T]
 
 
+# how many slots each popularity spreads tokens over; skewed: slot 0 hot (80 %), a tail of 6 cold ones
+SLOTS_OF = {"uniform": 8, "zipf": 12, "skewed": 7}
+
+
 def token_slots(popularity: str, num_tokens: int, rng: random.Random) -> list[int]:
-    """Per-token adapter slot (-1 for about 1 token in 7), drawn by popularity."""
-    if popularity == "distinct":
-        slots = list(range(num_tokens))
-    elif popularity == "identical":
+    """Per-token adapter slot (-1 for about 1 token in 7), drawn by popularity
+    (bench/popularity.py; zipf alpha 1.2); distinct: a slot per token."""
+    if popularity == "identical":
         slots = [0] * num_tokens
-    elif popularity == "uniform":
-        slots = [rng.randrange(8) for _ in range(num_tokens)]
-    elif popularity == "zipf":
-        slots = rng.choices(range(12), weights=[1 / (k + 1) ** 1.2 for k in range(12)], k=num_tokens)
-    elif popularity == "skewed":  # one hot adapter, a long tail of cold ones
-        slots = [0 if rng.random() < 0.8 else rng.randrange(1, 7) for _ in range(num_tokens)]
     else:
-        raise ValueError(popularity)
+        n = num_tokens if popularity == "distinct" else SLOTS_OF[popularity]
+        slots = choose(popularity, n, num_tokens, rng, zipf_alpha=1.2)
     return [NO_ADAPTER if num_tokens > 1 and rng.random() < 0.15 else s for s in slots]
 
 
@@ -244,20 +244,6 @@ def test_all_base_and_empty_batches():
         got = out.clone()
         sgmv.lora_expand(h, p.b_pool, p.page_table, p.ranks, p.scales, seg, got, p.offsets)
         assert torch.equal(bits(got), bits(out))
-
-
-def test_dispatch_routes_to_triton(monkeypatch):
-    from loramux import kernels
-
-    def cpu_path(*args):
-        raise AssertionError("LORAMUX_TRITON=1 must take the Triton path")
-
-    monkeypatch.setenv("LORAMUX_TRITON", "1")
-    monkeypatch.setattr(kernels.cpu, "lora_shrink", cpu_path)
-    monkeypatch.setattr(kernels.cpu, "lora_expand", cpu_path)
-    p = make_problem("zipf", 7, torch.float32)
-    check_shrink(p, kernels.lora_shrink, torch.float32)
-    check_expand(p, kernels.lora_expand, torch.float32)
 
 
 def test_bad_shapes_are_rejected():

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from loramux.bench import load_test
-from loramux.bench.load_test import Arrivals, Length, Result, Workload, adapter_weights, check_local, percentile
-from live_server import KEY, ROOT, Server
+from loramux.bench.load_test import Arrivals, Length, Result, Workload, check_local, percentile
+from loramux.bench.popularity import adapter_weights
+from helpers.live_server import KEY, ROOT, Server
 
 # ---------------------------------------------------------------------------
 # the workload generator (fast)
@@ -114,7 +115,7 @@ def test_summary_compare_and_plot(tmp_path):
 def _default_model_adapter(folder: Path) -> Path:
     from transformers import AutoConfig
 
-    from loramux.bench.common import random_adapter
+    from loramux.bench.synthetic import random_adapter
     from loramux.server.config import ModelConfig
     from loramux.server.model.loader import resolve_model_dir
     from loramux.adapters_store.peft_format import save_peft_adapter

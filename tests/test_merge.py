@@ -14,10 +14,9 @@ from loramux.adapters_store.arithmetic import Source
 from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.model.runner import ModelRunner, SeqChunk
-from loramux.adapters_store.peft_format import _module_name, load_peft_adapter, save_peft_adapter
-from test_dora import make_dora_adapter
-from test_model import build
-from tiny import VOCAB, make_adapter, make_model, peft_model
+from loramux.adapters_store.peft_format import _module_name, load_peft_adapter
+from helpers.live_server import BASE, Server, assert_error, upload_dir
+from helpers.tiny import VOCAB, build, make_adapter, make_chat_model, make_dora_adapter, make_model, peft_model
 
 WEIGHTS = (0.5, 0.7, -0.3)
 # three plain adapters of different ranks, targets and scalings, and a DoRA one
@@ -54,8 +53,8 @@ def run_rows(base_dir, adapters: dict, rows, mixes=()):
     """Last-token logits of (adapter name or None, prompt) rows in one batch;
     `mixes`: adapters registered as per-request mixes (pool.add_mix)."""
     cfg, model, kv = build(base_dir)
-    pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32))
-    runner = ModelRunner(model, kv, pool.device)
+    pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight))
+    runner = ModelRunner.for_pool(model, kv, pool.device)
     for a in adapters.values():
         pool.register(a)
     names = {a.name: a.name for a in adapters.values()}
@@ -181,9 +180,6 @@ def test_export_merged_equals_peft_merge_and_unload(setup, tmp_path, which):
 
 @pytest.fixture(scope="module")
 def http(tmp_path_factory):
-    from test_api import Server, upload_dir
-    from tiny import make_chat_model
-
     root = tmp_path_factory.mktemp("merge-api")
     make_chat_model(root / "base")
     for i, (name, opts) in enumerate(SOURCES):
@@ -214,8 +210,6 @@ def completion(server, **body):
 
 
 def test_http_merge_is_a_stored_usable_downloadable_adapter_and_equals_the_mix(http):
-    from test_api import BASE
-
     r = merge(http, "m-cat")
     assert r.status_code == 201, r.text
     info = r.json()
@@ -260,8 +254,6 @@ def test_http_download_of_an_uploaded_adapter_is_its_files(http, tmp_path):
     ("dora_source", 422, None),
 ])
 def test_http_merge_bad_input(http, case, status, param):
-    from test_api import assert_error
-
     r = {
         "unknown_source": lambda: merge(http, "x1", names=("s1", "nope", "s3")),
         "rank_zero": lambda: merge(http, "x2", method="svd", rank=0),
@@ -281,8 +273,6 @@ def test_http_merge_bad_input(http, case, status, param):
 
 
 def test_http_mix_bad_input(http):
-    from test_api import BASE, assert_error
-
     def post(adapters, model=BASE):
         return http.http.post("/v1/completions", content=json.dumps(
             {"model": model, "prompt": "hi", "max_tokens": 2, "adapters": adapters}),

@@ -5,16 +5,15 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.config import ModelConfig
-from loramux.server.model.loader import load_safetensors_weights
-from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
-from loramux.server.model.llama import LlamaModel
+from loramux.server.model.lora_backend import CpuLoraBackend, TritonLoraBackend, select_lora_backend
+from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
-from tiny import VOCAB, make_adapter, make_model, peft_model
+from helpers.lora_paths import forbid_other_lora_path
+from helpers.tiny import VOCAB, build, hf_config, make_adapter, make_model, peft_model
 
 # (name, options) of the adapters in the mixed batch: ranks 4..64, rsLoRA,
 # rank/alpha patterns, a q,v-only adapter.
@@ -26,12 +25,6 @@ ADAPTERS = [
                          alpha_pattern={"o_proj": 64, "q_proj": 4})),
     ("r64", dict(r=64, alpha=32)),
 ]
-
-
-def build(model_dir, dtype=torch.float32, num_blocks=128, block_size=4):
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
-    model = LlamaModel(cfg, load_safetensors_weights(model_dir), dtype)
-    return cfg, model, KVCache(cfg, num_blocks, block_size, dtype)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "tied", "llama3"])
@@ -78,6 +71,21 @@ def mixed_setup(tmp_path_factory):
     return root / "base", paths
 
 
+@pytest.mark.parametrize("env, device, want", [
+    (None, "cpu", CpuLoraBackend), ("0", "cpu", CpuLoraBackend), ("1", "cpu", TritonLoraBackend),
+    ("0", "cuda", TritonLoraBackend), (None, "cuda", TritonLoraBackend),
+])
+def test_lora_backend_is_chosen_from_device_and_env(env, device, want, monkeypatch):
+    # Triton on CUDA; LORAMUX_TRITON=1 forces it on any device (the kernels
+    # then run under TRITON_INTERPRET on a CPU); the torch path otherwise
+    if env is None:
+        monkeypatch.delenv("LORAMUX_TRITON", raising=False)
+    else:
+        monkeypatch.setenv("LORAMUX_TRITON", env)
+    pool = DeviceLoraPool(ModelConfig.from_hf(hf_config()), 8 * 2**20, 2, 16, torch.float32)
+    assert type(select_lora_backend(pool, torch.device(device))) is want
+
+
 def _pool(cfg, paths, dtype=torch.float32):
     pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 16, 64, dtype))
     for name, path in paths.items():
@@ -95,7 +103,8 @@ def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
     pool = _pool(cfg, paths)
     by_digest = pool.make_resident([pool.resolve(n) for n in paths])
     slots = {n: by_digest[pool.resolve(n)] for n in paths}
-    runner = ModelRunner(model, kv, pool.device)
+    runner = ModelRunner.for_pool(model, kv, pool.device)
+    forbid_other_lora_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(3)
     # rows: every adapter twice (different lengths) plus base rows in between
     rows = [(None, 7)] + [(n, 5 + i) for i, n in enumerate(paths)] + [(None, 4)] + [(n, 9) for n in paths]

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from loramux.bench import load_test
-from live_server import BASE, KEY, ROOT, Server, free_port
-from tiny import make_adapter, make_chat_model
+from helpers.live_server import BASE, KEY, ROOT, Server, free_port
+from helpers.tiny import make_adapter, make_chat_model
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "loramux-dashboard.json"
 # Grafana's variables, as the dashboard would expand them

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from live_server import AUTH, BASE, Server, make_api_files, upload_dir
+from helpers.live_server import AUTH, BASE, Server, make_api_files, upload_dir
 from loramux.server.api.protocol import MAX_N
 
 ADAPTERS = ("a1", "a2")

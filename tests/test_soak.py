@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from loramux.bench.soak import HOSTILE, format_report, run_soak
-from live_server import BASE, KEY, Server, assert_serving
-from tiny import make_adapter, make_chat_model
+from helpers.live_server import BASE, KEY, Server, assert_serving
+from helpers.tiny import make_adapter, make_chat_model
 
 
 @pytest.mark.slow

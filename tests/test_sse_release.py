@@ -14,7 +14,7 @@ import json
 import httpx
 import pytest
 
-from live_server import BASE, make_api_files
+from helpers.live_server import BASE, make_api_files
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ A batch is the tokens of many sequences laid end to end, no padding:
 Each token carries its position and the KV-cache slot it writes to; the
 sequences' earlier tokens are read back from the paged KV cache through
 their block tables. Every LoRA-able linear is a fused base GEMM (q|k|v and
-gate|up share their input) plus the per-token adapter delta over segments
-(kernels/), so requests for different adapters share one forward.
+gate|up share their input) plus the per-token adapter delta over segments,
+which the runner's LoRA backend adds (server/model/lora_backend.py), so
+requests for different adapters share one forward.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loramux.kernels import Segments, cpu, lora_expand, lora_shrink, use_triton
-from loramux.server.config import LORA_GROUPS, ModelConfig
+from loramux.server.config import ModelConfig
+from loramux.server.model.lora_backend import LoraBackend, LoraBatch
 
 
 @dataclass(frozen=True)
@@ -52,29 +53,12 @@ class AttentionMetadata:
 
 
 @dataclass(frozen=True)
-class LoraBatch:
-    """Per-step adapter metadata; the weights stay in the pool."""
-
-    seg: Segments
-    page_table: torch.Tensor  # [slots, R] int32
-    ranks: torch.Tensor  # [L, 7, slots] int32
-    scales: torch.Tensor  # [L, 7, slots] float32
-    active: tuple[tuple[int, int, int], ...] = ()  # (start, length, slot) of segments with an adapter
-    dora: bool = False  # some active slot holds a DoRA adapter: apply the pool's row scales
-    # CPU path, with dora: (lo, hi, rows) - tokens lo..hi-1 span every DoRA
-    # segment, rows[t - lo] is the row of pool.dora_scale for token t (its
-    # slot, or the all-ones last row for a base token), so one gather and one
-    # multiply per layer and group apply every DoRA scale of the step.
-    dora_rows: tuple[int, int, torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
     attn: AttentionMetadata
     logits_index: torch.Tensor  # [N] long, tokens whose next-token logits are wanted
-    lora: LoraBatch | None = None
+    lora: LoraBatch | None = None  # the LoRA backend's metadata; None: no token has an adapter
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -107,20 +91,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaModel:
-    """Weights and forward of one base model; LoRA weights live in a pool."""
+    """Weights and forward of one base model; LoRA weights live in a pool,
+    which the runner's LoRA backend reads."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, device="cpu"):
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        # Column boundaries of each slice inside a fused output, per LoRA group.
-        self.slice_offsets = {
-            "qkv": (0, q, q + kv, q + 2 * kv),
-            "o": (0, cfg.hidden_size),
-            "gate_up": (0, cfg.intermediate_size, 2 * cfg.intermediate_size),
-            "down": (0, cfg.hidden_size),
-        }
 
         def take(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype).contiguous()
@@ -147,8 +124,6 @@ class LlamaModel:
             self.layers.append(layer)
         inv_freq = rope_inv_freq(cfg)
         self.inv_freq = inv_freq.to(self.device)
-        # The adapter pool that LoraBatch indexes into; set by the runner.
-        self.lora_pool = None
 
     # -- pieces -------------------------------------------------------------
 
@@ -158,34 +133,19 @@ class LlamaModel:
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     def base_weight(self, layer_idx: int, group: str) -> torch.Tensor:
-        """The fused base weight [out_total, in] of a LoRA group (slices at slice_offsets[group])."""
+        """The fused base weight [out_total, in] of a LoRA group, its modules'
+        rows in LORA_GROUPS order (q|k|v, gate|up)."""
         return self.layers[layer_idx][group]
 
-    def _linear(self, x, layer_idx: int, group: str, lora: LoraBatch | None, bias=None):
-        # x: [T, in] -> [T, out_total]: base GEMM, then each token's adapter delta
+    def _linear(self, x, layer_idx: int, group: str, lora: LoraBackend | None, step: LoraBatch | None,
+                bias=None):
+        # x: [T, in] -> [T, out_total]: base GEMM, then the backend adds each token's adapter delta
         # (and DoRA's row scale, which scales W0 x too but not the bias: y = b + d ⊙ (W0 x + ΔW x)).
-        late_bias = lora is not None and lora.dora and bias is not None
+        late_bias = step is not None and step.dora and bias is not None
         out = F.linear(x, self.layers[layer_idx][group], None if late_bias else bias)
-        if lora is None:
+        if step is None:
             return out
-        lo, n = LORA_GROUPS[group]
-        pool = self.lora_pool
-        if not use_triton(x):
-            views = pool.cpu_views
-            work = [(start, start + length, *views[slot][layer_idx][group]) for start, length, slot in lora.active]
-            dora = ()
-            if lora.dora_rows is not None:
-                lo_t, hi_t, rows = lora.dora_rows
-                dora = [(lo_t, hi_t, pool.dora_scale[layer_idx][group].index_select(0, rows))]
-            cpu.apply_lora(x, out, work, dora)
-        else:
-            ranks = lora.ranks[layer_idx, lo : lo + n]
-            h = lora_shrink(x, pool.a[layer_idx][group], lora.page_table, ranks, lora.seg)
-            lora_expand(
-                h, pool.b[layer_idx][group], lora.page_table, ranks,
-                lora.scales[layer_idx, lo : lo + n], lora.seg, out, self.slice_offsets[group],
-                pool.dora_scale[layer_idx][group] if lora.dora else None,
-            )
+        lora.apply(x, out, layer_idx, group, step)
         if late_bias:
             out += bias
         return out
@@ -222,8 +182,11 @@ class LlamaModel:
     # -- forward ------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
-        """Next-token logits [N, vocab] (float32) for batch.logits_index."""
+    def forward(self, batch: ForwardBatch, kv_cache, lora: LoraBackend | None = None) -> torch.Tensor:
+        """Next-token logits [N, vocab] (float32) for batch.logits_index; `lora`:
+        the backend whose `prepare` made batch.lora (needed when that is set)."""
+        if batch.lora is not None and lora is None:
+            raise ValueError("a batch with adapter tokens needs the LoRA backend that prepared it")
         cfg = self.cfg
         T = batch.input_ids.shape[0]
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -231,15 +194,15 @@ class LlamaModel:
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
-            qkv = self._linear(h, i, "qkv", batch.lora, layer["qkv_bias"])
+            qkv = self._linear(h, i, "qkv", lora, batch.lora, layer["qkv_bias"])
             q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
             q = apply_rope(q.reshape(T, cfg.num_heads, cfg.head_dim), cos, sin)
             k = apply_rope(k.reshape(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             a = self._attention(q, k, v, i, kv_cache, batch.attn)
-            x = x + self._linear(a, i, "o", batch.lora)
+            x = x + self._linear(a, i, "o", lora, batch.lora)
             h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)
-            gate, up = self._linear(h, i, "gate_up", batch.lora).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, i, "down", batch.lora)
+            gate, up = self._linear(h, i, "gate_up", lora, batch.lora).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, i, "down", lora, batch.lora)
         x = rms_norm(x[batch.logits_index], self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

@@ -2,8 +2,10 @@
 
 The runner turns each sequence's chunk of new tokens into the tensors the
 model needs: positions, the KV slot of every new token, the context slots
-attention reads back, and the LoRA segments. It knows nothing of requests
-or scheduling; the engine hands it `SeqChunk`s already grouped by adapter.
+attention reads back, and the LoRA segments, which its LoRA backend (chosen
+once, server/model/lora_backend.py) turns into that backend's per-step
+metadata. It knows nothing of requests or scheduling; the engine hands it
+`SeqChunk`s already grouped by adapter.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 
 from loramux.kernels import NO_ADAPTER, segments_from_runs
 from loramux.server.config import ModelConfig
-from loramux.server.model.llama import AttentionMetadata, DecodeGroup, ForwardBatch, LoraBatch, PrefillSeq
+from loramux.server.model.llama import AttentionMetadata, DecodeGroup, ForwardBatch, PrefillSeq
+from loramux.server.model.lora_backend import LoraBackend, select_lora_backend
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,17 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache: KVCache, lora_pool=None):
+    def __init__(self, model, kv_cache: KVCache, lora: LoraBackend | None = None):
         self.model = model
         self.kv = kv_cache
-        self.pool = lora_pool
-        model.lora_pool = lora_pool
-        if lora_pool is not None:  # DoRA's row scales are computed from the base weights
-            lora_pool.base_weights = model.base_weight
+        self.lora = lora  # None: the base model only
         self.device = model.device
+
+    @classmethod
+    def for_pool(cls, model, kv_cache: KVCache, lora_pool) -> "ModelRunner":
+        """The runner over an adapter pool (a DeviceLoraPool), its LoRA
+        backend picked once for the model's device."""
+        return cls(model, kv_cache, select_lora_backend(lora_pool, model.device))
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         # flat KV slots of positions start..end-1 (plain Python: a step builds
@@ -108,20 +114,11 @@ class ModelRunner:
                 mask.to(dev),
             )
         lora = None
-        if self.pool is not None and any(r[2] != NO_ADAPTER for r in runs):
+        if self.lora is not None and any(r[2] != NO_ADAPTER for r in runs):
             seg = segments_from_runs(
                 [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs], t, self.device
             )
-            active = tuple(seg.with_adapter())
-            dora_segs = [(s, n) for s, n, slot in active if self.pool.is_dora[slot]]
-            dora_rows = None
-            if dora_segs and self.pool.cpu_path:
-                lo, hi = dora_segs[0][0], sum(dora_segs[-1])
-                none = self.pool.num_slots  # the all-ones row
-                rows = [slot if slot != NO_ADAPTER else none for s, n, slot in runs for _ in range(n)][lo:hi]
-                dora_rows = (lo, hi, torch.tensor(rows, dtype=torch.long, device=self.device))
-            lora = LoraBatch(seg, self.pool.page_table, self.pool.ranks, self.pool.scales, active,
-                             dora=bool(dora_segs), dora_rows=dora_rows)
+            lora = self.lora.prepare(seg)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -136,4 +133,4 @@ class ModelRunner:
 
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Logits [N, vocab] float32 for the chunks that want them, in order."""
-        return self.model.forward(self.prepare(chunks), self.kv)
+        return self.model.forward(self.prepare(chunks), self.kv, self.lora)
