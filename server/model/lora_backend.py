@@ -1,0 +1,156 @@
+"""The LoRA backend seam: how a step's adapter deltas are added, chosen once.
+
+The model runner picks a backend when it is built and the model calls it
+for every LoRA-able linear; nobody asks which device it is on again:
+
+    backend = select_lora_backend(pool, device)   # once (ModelRunner.for_pool)
+    batch = backend.prepare(seg)                  # once per step, from the runner's segments
+    backend.apply(x, out, layer, group, batch)    # per layer and group (qkv, o, gate_up, down)
+
+`apply`, for every segment (i, j, slot) with an adapter and each slice s of
+the group (rows of base tokens, slot -1, are left as the base GEMM wrote them):
+
+    out[i:j, off[s]:off[s+1]] += scale[s, slot] * (x[i:j] @ A_s(slot).T) @ B_s(slot).T
+    out[i:j] *= dora_scale[layer][group][slot]      then, for a DoRA slot only
+
+Both backends read one DeviceLoraPool (adapters_store/device_pool.py) and
+differ in the views of it they use:
+
+    CpuLoraBackend     kernels/cpu.py: per segment two matmuls over the pool's
+                       cpu_views (A^T, block-diagonal scaled B), float32 math
+    TritonLoraBackend  kernels/sgmv.py: one shrink and one expand launch per
+                       group over a, b and the page table, DoRA in the epilogue
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Protocol
+
+import torch
+
+from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.kernels import NO_ADAPTER, Segments, cpu
+from loramux.server.config import LORA_GROUPS, LORA_MODULES
+
+
+class LoraBatch(Protocol):
+    """A backend's metadata for one step, built once by `prepare` and read by
+    every layer; the weights stay in the pool."""
+
+    @property
+    def dora(self) -> bool:
+        """Some token of the step has a DoRA adapter. Its row scale multiplies
+        the base output too, so the model adds a linear's bias after `apply`."""
+        ...
+
+
+class LoraBackend(Protocol):
+    def prepare(self, seg: Segments) -> LoraBatch:
+        """The step's metadata; seg: the step's segments, [T] tokens, some with an adapter slot."""
+        ...
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, group: str, batch: LoraBatch) -> None:
+        """out += the LoRA delta of one layer and group, DoRA row scales included (module doc), in place.
+        x: [T, in]; out: [T, out_total], the group's fused base output."""
+        ...
+
+
+def select_lora_backend(pool: DeviceLoraPool, device: torch.device | str) -> LoraBackend:
+    """The backend for activations on `device`, picked once: Triton on CUDA,
+    or on any device with LORAMUX_TRITON=1 (with TRITON_INTERPRET=1 the
+    kernels then run on a CPU; the tests use it to check the model end to end
+    on the Triton path); the torch path otherwise."""
+    if torch.device(device).type == "cuda" or os.environ.get("LORAMUX_TRITON") == "1":
+        return TritonLoraBackend(pool)
+    return CpuLoraBackend(pool)
+
+
+# (A^T [in, r*n], B_block [r*n, out_total]) of one slot, per layer and group: DeviceLoraPool.cpu_views[slot]
+SlotViews = list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class CpuLoraBatch:
+    work: tuple[tuple[int, int, SlotViews], ...]  # (start, end, views) of each segment with an adapter
+    # With DoRA: (lo, hi, rows) - tokens lo..hi-1 span every DoRA segment,
+    # rows[t - lo] is the row of pool.dora_scale for token t (its slot, or
+    # the all-ones last row for a base token), so one gather and one
+    # multiply per layer and group apply every DoRA scale of the step.
+    dora_rows: tuple[int, int, torch.Tensor] | None = None
+
+    @property
+    def dora(self) -> bool:
+        return self.dora_rows is not None
+
+
+class CpuLoraBackend:
+    """The torch path: kernels/cpu.apply_lora over the per-slot views the
+    pool builds once at load on a CPU (its b_block layout)."""
+
+    def __init__(self, pool: DeviceLoraPool):
+        if not pool.cpu_path:
+            raise ValueError(f"the torch LoRA path needs a pool in CPU memory, not on {pool.page_table.device}")
+        self.pool = pool
+
+    def prepare(self, seg: Segments) -> CpuLoraBatch:
+        pool = self.pool
+        active = seg.with_adapter()
+        work = tuple((start, start + length, pool.cpu_views[slot]) for start, length, slot in active)
+        dora_segs = [(s, n) for s, n, slot in active if pool.is_dora[slot]]
+        dora_rows = None
+        if dora_segs:
+            lo, hi = dora_segs[0][0], sum(dora_segs[-1])
+            none = pool.num_slots  # the all-ones row
+            runs = zip(seg.starts_host, seg.lens_host, seg.slots_host)
+            rows = [slot if slot != NO_ADAPTER else none for s, n, slot in runs for _ in range(n)][lo:hi]
+            dora_rows = (lo, hi, torch.tensor(rows, dtype=torch.long, device=pool.page_table.device))
+        return CpuLoraBatch(work, dora_rows)
+
+    def apply(self, x, out, layer: int, group: str, batch: CpuLoraBatch) -> None:
+        # x: [T, in], out: [T, out_total] updated in place
+        work = [(start, end, *views[layer][group]) for start, end, views in batch.work]
+        dora = ()
+        if batch.dora_rows is not None:
+            lo, hi, rows = batch.dora_rows
+            dora = [(lo, hi, self.pool.dora_scale[layer][group].index_select(0, rows))]
+        cpu.apply_lora(x, out, work, dora)
+
+
+@dataclass(frozen=True)
+class TritonLoraBatch:
+    seg: Segments
+    dora: bool = False  # some active slot holds a DoRA adapter: the expand applies pool.dora_scale
+
+
+class TritonLoraBackend:
+    """The Triton path: kernels/sgmv.py's shrink then expand over the pool's
+    page-table layout (a, b, page_table, ranks, scales)."""
+
+    def __init__(self, pool: DeviceLoraPool):
+        from loramux.kernels import sgmv  # imports triton: only once this backend is chosen
+
+        self._sgmv = sgmv
+        self.pool = pool
+        cfg = pool.cfg
+        # Column boundaries of each slice inside a group's fused output.
+        self.slice_offsets = {
+            group: tuple(accumulate((cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]), initial=0))
+            for group, (lo, n) in LORA_GROUPS.items()
+        }
+
+    def prepare(self, seg: Segments) -> TritonLoraBatch:
+        return TritonLoraBatch(seg, any(self.pool.is_dora[slot] for _, _, slot in seg.with_adapter()))
+
+    def apply(self, x, out, layer: int, group: str, batch: TritonLoraBatch) -> None:
+        # x: [T, in] -> h: [n, T, R] -> out: [T, out_total] updated in place
+        pool, sgmv = self.pool, self._sgmv
+        lo, n = LORA_GROUPS[group]
+        ranks = pool.ranks[layer, lo : lo + n]
+        h = sgmv.lora_shrink(x, pool.a[layer][group], pool.page_table, ranks, batch.seg)
+        sgmv.lora_expand(
+            h, pool.b[layer][group], pool.page_table, ranks,
+            pool.scales[layer, lo : lo + n], batch.seg, out, self.slice_offsets[group],
+            pool.dora_scale[layer][group] if batch.dora else None,
+        )
