@@ -1,0 +1,124 @@
+"""A real `loramux serve` process on 127.0.0.1 for tests, with the official
+openai client and httpx, and the assertions every HTTP test shares."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+KEY = "test-key"
+BASE = "tiny"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+UPLOAD_CAP = 256 * 1024
+
+
+# ---------------------------------------------------------------------------
+# a server process
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, adapter_dir: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(adapter_dir.parent / f"server-{self.port}.log", "w+")
+        args = [sys.executable, "-m", "loramux.server", "serve", "--model", str(model), "--dtype", "float32",
+                "--adapter-dir", str(adapter_dir), "--port", str(self.port), "--api-key", KEY,
+                "--served-model-name", BASE, "--kv-cache-bytes", "8M", "--adapter-pool-bytes", "4M",
+                "--log-level", "warning", *extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("LORAMUX_API_KEY", None)
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start: {self.output()}")
+            time.sleep(0.2)
+        self.http = httpx.Client(base_url=self.url, headers=AUTH, timeout=60)
+        self.openai = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample as 'name{label="v",...}' -> value."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "__any__") -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    assert "Traceback" not in err["message"] and " at 0x" not in err["message"]
+    if param != "__any__":
+        assert err["param"] == param, err
+    return err
+
+
+def assert_serving(server: Server) -> None:
+    r = server.openai.completions.create(model=BASE, prompt="ok", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+def upload(http: httpx.Client, name: str, config: bytes, weights: bytes, **kw) -> httpx.Response:
+    return http.post("/v1/adapters", data={"name": name},
+                     files={"adapter_config.json": ("adapter_config.json", config),
+                            "adapter_model.safetensors": ("adapter_model.safetensors", weights)}, **kw)
+
+
+def upload_dir(http: httpx.Client, name: str, folder: Path) -> httpx.Response:
+    return upload(http, name, (folder / "adapter_config.json").read_bytes(),
+                  (folder / "adapter_model.safetensors").read_bytes())
+
+
+def make_api_files(root: Path) -> Path:
+    """What the HTTP tests serve: a tiny chat model (root/base) and two PEFT
+    adapters under root/allowed: a1 (r=8, all seven modules) and a2 (r=4, q,v)."""
+    from helpers.tiny import make_adapter, make_chat_model
+
+    make_chat_model(root / "base")
+    make_adapter(root / "base", root / "allowed" / "a1", r=8, alpha=16, seed=1)
+    make_adapter(root / "base", root / "allowed" / "a2", r=4, alpha=8, seed=2, target_modules=("q_proj", "v_proj"))
+    return root
