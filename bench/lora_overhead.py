@@ -18,7 +18,8 @@ from loramux.bench.synthetic import random_adapter
 from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.llm import DTYPES, load_base
-from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
+from loramux.server.model.kv_tensors import KVCache
+from loramux.server.model.runner import ModelRunner, SeqChunk
 
 
 def measure(dtype: str, repeats: int, num_seqs=32, num_adapters=8, rank=16, ctx=128, prefill_len=128,

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from loramux.server.config import EngineConfig, ModelConfig
 from loramux.server.engine.engine import Engine
-from loramux.server.model.loader import load_safetensors_weights, resolve_model_dir
+from loramux.server.model.loader import chat_token_ids, load_safetensors_weights, resolve_model_dir
 from loramux.server.model.llama import LlamaModel
 from loramux.adapters_store.peft_format import load_peft_adapter
 from loramux.server.engine.sampling import SamplingParams
@@ -72,8 +72,7 @@ class LLM:
         self.engine.adapters.register(adapter)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return chat_token_ids(self.tokenizer, messages)
 
     def generate(
         self,

@@ -29,6 +29,7 @@ from loramux.server.engine.engine import CheckedRequest, RequestOutput
 from loramux.server.engine.sampling import SamplingParams
 from loramux.server.errors import Busy, ClientGone, Failed, Invalid, LoramuxError, NotFound
 from loramux.server.metrics import RequestTimer
+from loramux.server.model.loader import chat_token_ids
 
 log = logging.getLogger("loramux.api")
 
@@ -234,11 +235,9 @@ class GenerationService:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         self.check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            ids = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                          tokenize=True)
+            return await asyncio.to_thread(chat_token_ids, tokenizer, messages)
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise Invalid(f"the chat template rejected the messages: {type(exc).__name__}", "messages") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def plan(self, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
              adapter: str | None) -> list[Job]:

@@ -18,7 +18,8 @@ from loramux.server.config import EngineConfig
 from loramux.server.errors import Failed, Invalid, NotFound
 from loramux.server.engine.detokenizer import IncrementalDetokenizer
 from loramux.server.engine.kv_cache import BlockAllocator
-from loramux.server.model.runner import KVCache, ModelRunner, SeqChunk
+from loramux.server.model.kv_tensors import KVCache
+from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.server.engine.request import Request, RequestStatus
 from loramux.server.engine.sampling import Sampled, SampleFailed, SampleState, SamplingParams, sample
 from loramux.server.engine.scheduler import ScheduledChunk, Scheduler

@@ -1,4 +1,5 @@
-"""Paged KV cache: the block allocator (plain Python) and the KV tensors.
+"""Paged KV cache: the block allocator, plain Python (the tensors are
+server/model/kv_tensors.py).
 
 The cache is `num_blocks` blocks of `block_size` token slots each. A request
 owns a block table (a list of block ids); token `i` of the request lives in

@@ -115,3 +115,10 @@ def load_safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
             for key in f.keys():
                 weights[key] = f.get_tensor(key)
     return weights
+
+
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of `messages` through the tokenizer's chat template, with
+    the generation prompt (transformers returns a list or, newer, a mapping)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

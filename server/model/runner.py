@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux.kernels import NO_ADAPTER, segments_from_runs
-from loramux.server.config import ModelConfig
+from loramux.server.model.kv_tensors import KVCache
 from loramux.server.model.llama import AttentionMetadata, DecodeGroup, ForwardBatch, PrefillSeq
 from loramux.server.model.lora_backend import LoraBackend, select_lora_backend
 
@@ -26,27 +26,6 @@ class SeqChunk:
     block_ids: list[int]  # the sequence's block table (covers start + len(token_ids))
     slot: int = NO_ADAPTER  # adapter slot in the pool
     wants_logits: bool = True  # sample after this chunk
-
-
-class KVCache:
-    """Key and value tensors for every layer, addressed by flat slot
-    (block * block_size + offset)."""
-
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device="cpu"):
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def layer(self, i: int):
-        return self.k[i], self.v[i]
-
-    @staticmethod
-    def blocks_for_budget(cfg: ModelConfig, budget_bytes: int, block_size: int, dtype) -> int:
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-        per_block = per_token * block_size * torch.empty((), dtype=dtype).element_size()
-        return max(1, budget_bytes // per_block)
 
 
 class ModelRunner:

@@ -80,7 +80,7 @@ def build(model_dir: Path, dtype=torch.float32, num_blocks: int = 128, block_siz
     from loramux.server.config import ModelConfig
     from loramux.server.model.llama import LlamaModel
     from loramux.server.model.loader import load_safetensors_weights
-    from loramux.server.model.runner import KVCache
+    from loramux.server.model.kv_tensors import KVCache
 
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
     model = LlamaModel(cfg, load_safetensors_weights(model_dir), dtype)
