@@ -47,7 +47,7 @@ from pathlib import Path
 
 import httpx
 
-from loramux.bench.load_test import LOCAL_HOSTS, WORDS
+from loramux.bench.load_test import WORDS, check_local
 
 MAX_SECONDS = 6 * 3600
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -71,13 +71,6 @@ EXPECTED = {
     "inflight_stream": {200}, "inflight_request": {200, 404},  # 404: it lost the race with the DELETE
     "merge": {201, 400}, "merged_request": {200}, "delete_merged": {200}, "probe": {200},
 }
-
-
-def check_local(url: str) -> str:
-    parsed = httpx.URL(url)
-    if parsed.scheme != "http" or parsed.host not in LOCAL_HOSTS:
-        raise ValueError(f"refusing to soak {url!r}: only http://127.0.0.1 or localhost are allowed")
-    return str(parsed).rstrip("/")
 
 
 class Recorder:
