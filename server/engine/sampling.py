@@ -113,13 +113,14 @@ def sample(
     Rows are independent: a row whose logits are not finite (a broken
     adapter), or whose sampling raises, gives SampleFailed and every other
     row is sampled exactly as it would have been without it."""
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    finite_rows = torch.isfinite(logits).all(dim=-1)  # before suppression writes -inf
     if suppress is not None and any(suppress):
         logits = logits.clone()  # the model's output may be an inference tensor: never written in place
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")
-    greedy_tokens = logits.argmax(dim=-1).tolist()
+    # one device -> host transfer for both (a sync on CUDA)
+    greedy_tokens, finite = torch.stack([logits.argmax(dim=-1), finite_rows.long()]).tolist()
     # log-softmax over the vocabulary only for the rows that report logprobs
     wants = [i for i, p in enumerate(params) if p.logprobs is not None and finite[i]]
     logprobs = dict(zip(wants, torch.log_softmax(logits[wants], dim=-1))) if wants else {}
