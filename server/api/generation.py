@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -87,16 +87,15 @@ class Fanout:
     output). Cancelling it (or a task it runs) closes the engine generators,
     whose `finally` aborts the requests in the engine."""
 
-    def __init__(self, state: ServerState, jobs: list[Job], adapter: str | None):
+    def __init__(self, state: ServerState, jobs: list[Job]):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.timers = [RequestTimer(state.metrics) for _ in jobs]
         self.open = set(range(len(jobs)))
-        self.tasks = [asyncio.create_task(self._run(state.engine, i, j, adapter)) for i, j in enumerate(jobs)]
+        self.tasks = [asyncio.create_task(self._run(state.engine, i, j)) for i, j in enumerate(jobs)]
 
-    async def _run(self, engine: AsyncEngine, i: int, job: Job, adapter: str | None) -> None:
+    async def _run(self, engine: AsyncEngine, i: int, job: Job) -> None:
         try:
-            async for out in engine.generate(job.checked if adapter is None or job.checked.adapter == adapter
-                                             else CheckedRequest(job.prompt_ids, job.checked.sampling, adapter)):
+            async for out in engine.generate(job.checked):
                 self.queue.put_nowait((i, out))
         except asyncio.CancelledError:
             raise
@@ -258,12 +257,13 @@ class GenerationService:
 
     async def start(self, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
                     adapter: str | None) -> Generation:
-        """Plan, take the mix lease if the body asks for a mix, and start every choice."""
+        """Plan, take the mix lease if the body asks for a mix (after the queue
+        check, so a refused request builds nothing), and start every choice."""
         jobs = self.plan(body, prompts, max_tokens, logprobs, adapter)
         lease = await self.hold_mix(body)
-        if lease is not None:
-            adapter = lease.name
-        return Generation(jobs, Fanout(self.state, jobs, adapter), lease)
+        if lease is not None:  # the choices were checked on the base model; they run on the mix
+            jobs = [replace(j, checked=replace(j.checked, adapter=lease.name)) for j in jobs]
+        return Generation(jobs, Fanout(self.state, jobs), lease)
 
     # -- outputs ------------------------------------------------------------------
 
@@ -291,8 +291,8 @@ class GenerationService:
 
     def stream(self, gen: Generation, events) -> StreamingResponse:
         """The SSE envelope of completions and chat: the events, an error event if
-        the engine fails mid-stream, then [DONE]. `gen` is released however the
-        response ends."""
+        the engine fails mid-stream, then [DONE]. `gen` is released when the
+        response ends, however it ends (_ReleasingStream)."""
 
         async def body():
             try:
@@ -300,8 +300,6 @@ class GenerationService:
                     yield event
             except LoramuxError as exc:
                 yield sse(event_for(exc))
-            finally:
-                await gen.release()
             yield "data: [DONE]\n\n"
 
         return _ReleasingStream(body(), gen.release)
