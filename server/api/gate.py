@@ -24,9 +24,10 @@ class Gate:
             return await self.app(scope, receive, send)
         if self.state.draining:
             return await error_response(503, "the server is shutting down", code="draining")(scope, receive, send)
+        headers = dict(scope["headers"])
         key = self.state.settings.api_key
         if key is not None:
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
                 return await error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
@@ -37,7 +38,7 @@ class Gate:
         too_large = TooLarge(f"the upload is larger than the limit of {cap} bytes", code="upload_too_large") \
             if upload else TooLarge(f"the request body is larger than the limit of {cap} bytes "
                                          "(--max-request-bytes)", code="request_too_large")
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > cap:
             return await response_for(too_large)(scope, receive, send)
         if upload:  # the upload route streams its body (to temporary files): stop it at the cap
