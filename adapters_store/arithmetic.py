@@ -36,8 +36,9 @@ from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, _module_
     parse_peft_adapter
 
 METHODS = ("concat", "svd")
-# Per-request mixes are registered under MIX_NAME_PREFIX + digest; no stored
-# adapter's name can start so (adapter names have no ':').
+# A per-request mix is held by digest and never named in the registry; its
+# LoraAdapter.name (MIX_NAME_PREFIX + digest) only tells it apart in logs,
+# and no registered name can look like it (adapter names have no ':').
 MIX_NAME_PREFIX = "mix:"
 # |weight| of a source in a merge or a per-request mix: far beyond any
 # sensible task arithmetic, small enough that no weight overflows the delta.

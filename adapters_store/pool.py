@@ -7,9 +7,10 @@
             CPU, where the device tier already is host memory)
     device  `DeviceLoraPool`: a byte budget of rank-row pages, allocated once
 
-A request holds a content digest, never a name (see AdapterPool). The step
-makes its adapters resident on the device; a worker thread loads adapters of
-waiting requests ahead of their turn (`AdapterPool.prefetch`).
+The pool knows adapters by content digest only; names live in the registry
+(adapters_store/registry.py), which holds a registration on each digest it
+names. The step makes its adapters resident on the device; a worker thread
+loads adapters of waiting requests ahead of their turn (`AdapterPool.prefetch`).
 
 The tiers live in their own modules: adapters_store/sources.py (disk),
 host_cache.py (host) and device_pool.py (device pages); this one holds the
@@ -30,7 +31,7 @@ from loramux.adapters_store.host_cache import HostCache, pinned_copy
 from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter
 from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
 from loramux.server.config import EngineConfig
-from loramux.server.errors import Conflict, Unprocessable
+from loramux.server.errors import NotFound, Unprocessable
 
 log = logging.getLogger("loramux.adapter_pool")
 
@@ -54,6 +55,12 @@ class TierUsage:
     prefetch_hits: int = 0
 
 
+class AdapterGone(NotFound):
+    """The digest is no longer held: every registration and reference to it went."""
+
+    code = "adapter_not_found"
+
+
 @dataclass
 class _Counters:
     loads: int = 0
@@ -62,18 +69,19 @@ class _Counters:
 
 
 class AdapterPool:
-    """Registered adapters, and which of them are in host and device memory.
+    """Adapters by content digest, and which of them are in host and device memory.
 
-    Names map to content digests; requests hold a digest, not a name, so
-    deleting a name and uploading new weights under it never serves stale
-    weights to anybody, and requests already queued for the old weights
-    finish with them:
+    A digest stays while something holds it: a registration (the registry's
+    name for it) or a reference (an unfinished request, a per-request mix).
+    Requests hold a digest, not a name, so deleting a name and uploading new
+    weights under it never serves stale weights to anybody, and requests
+    already queued for the old weights finish with them:
 
-        register("a", v1)   names: a -> d1          sources: d1 (refs 0)
-        request r1 for "a"  r1 holds d1             sources: d1 (refs 1)
-        unregister("a")     names: -                sources: d1 (refs 1, weights kept in memory for r1)
-        register("a", v2)   names: a -> d2          sources: d1, d2
-        r1 finishes         release(d1)             sources: d2
+        registry: a -> d1   add(s1)             sources: d1 (registered 1, refs 0)
+        request r1 for d1   acquire(d1)         sources: d1 (registered 1, refs 1)
+        registry: delete a  detach(d1)          sources: d1 (registered 0, refs 1, weights kept in memory for r1)
+        registry: a -> d2   add(s2)             sources: d1, d2
+        r1 finishes         release(d1)         sources: d2
 
     Residency. Each step the engine calls make_resident(step digests,
     in_use) and prefetch(waiting digests, in_use), `in_use` being the
@@ -85,7 +93,7 @@ class AdapterPool:
 
     Threads. The engine thread calls everything here; one worker thread
     (started on demand, gone when idle) prefetches. One lock (a Condition)
-    guards all bookkeeping: names, sources, refs, the host cache, the page
+    guards all bookkeeping: sources, registrations, refs, the host cache, the page
     allocator and slots. Disk reads and copies into device pages run
     outside it:
 
@@ -110,10 +118,10 @@ class AdapterPool:
         self.mix_budget = mix_bytes  # per-request mixes held at once (built or being built)
         self._mix_bytes = 0
         self._lock = threading.Condition()
-        self._names: dict[str, str] = {}  # name -> digest
-        self._mixes: dict[str, str] = {}  # per-request mixes: name -> digest, gone with their last ref
         self._sources: dict[str, AdapterSource] = {}  # digest -> source (the disk tier)
-        self._refs: dict[str, int] = {}  # digest -> unfinished requests holding it
+        self._registered: dict[str, int] = {}  # digest -> registry names for it
+        self._refs: dict[str, int] = {}  # digest -> unfinished requests and mixes holding it
+        self._mixes: set[str] = set()  # digests held in the mix budget, gone with their last ref
         self._slots: dict[str, int] = {}  # digest -> device slot, published or being copied
         self._resident: OrderedDict[str, int] = OrderedDict()  # published slots, LRU order (oldest first)
         self._busy: set[str] = set()  # digests being loaded to the device right now
@@ -155,42 +163,55 @@ class AdapterPool:
                 f"adapter of rank {rank} needs {rank} pages of {self.device.page_bytes} B; the device adapter "
                 f"pool holds {self.device.num_pages} (--adapter-pool-bytes)", WEIGHTS_NAME, "adapter_too_large")
 
-    def register(self, adapter: LoraAdapter | AdapterSource) -> None:
+    def add(self, adapter: LoraAdapter | AdapterSource) -> str:
+        """Hold `adapter` for one registration (the registry calls this); its
+        digest. The same weights registered twice are held once, twice."""
         source = adapter if isinstance(adapter, AdapterSource) else AdapterSource.in_memory(adapter)
         self.check_fits(source.rank)
         with self._lock:
-            if source.name in self._names:
-                raise Conflict(f"adapter `{source.name}` already exists", "name", "adapter_exists")
-            self._names[source.name] = source.digest
             self._sources.setdefault(source.digest, source)
+            self._registered[source.digest] = self._registered.get(source.digest, 0) + 1
+            return source.digest
 
-    def unregister(self, name: str) -> None:
-        """New requests can no longer name it; requests holding it finish,
-        with its weights kept in memory (its files may be deleted next)."""
+    def detach(self, digest: str) -> None:
+        """Give back one registration. Requests holding the digest finish, with
+        its weights read into memory first (its files may be deleted next):
+        this reads from disk, so call it off the event loop."""
         with self._lock:
-            digest = self._names.pop(name)
+            self._registered[digest] -= 1
+            if not self._registered[digest]:
+                del self._registered[digest]
             if self._drop_if_unused(digest):
                 return
             source = self._sources[digest]
         if not source.held:
-            adapter = source.load()
+            try:
+                adapter = source.load()
+            except AdapterUnavailable as exc:  # its requests fail alone when they need it (Engine.step)
+                log.error("adapter %s could not be read into memory on delete: %s", digest[:12], exc)
+                return
             with self._lock:
                 if digest in self._sources:
                     self._sources[digest] = AdapterSource.in_memory(adapter)
 
-    def resolve(self, name: str) -> str | None:
+    def __contains__(self, digest: str) -> bool:
         with self._lock:
-            return self._names.get(name) or self._mixes.get(name)
+            return digest in self._sources
+
+    def source(self, digest: str) -> AdapterSource | None:
+        with self._lock:
+            return self._sources.get(digest)
 
     # -- per-request mixes (transient adapters, adapters_store/arithmetic.py) -------
 
-    def hold_mix(self, digest: str) -> str | None:
-        """Take a reference on the mix `digest` if it is registered; its name, else None."""
+    def hold_mix(self, digest: str) -> bool:
+        """Take a reference on `digest` if the pool holds it (a mix built before,
+        by this or another request); whether it did."""
         with self._lock:
-            if digest not in self._mixes.values():
-                return None
+            if digest not in self._sources:
+                return False
             self._refs[digest] = self._refs.get(digest, 0) + 1
-            return self._sources[digest].name
+            return True
 
     def reserve_mix(self, nbytes: int) -> bool:
         """Book `nbytes` of the mix budget for a mix about to be built; False
@@ -206,25 +227,21 @@ class AdapterPool:
         with self._lock:
             self._mix_bytes -= nbytes
 
-    def add_mix(self, adapter: LoraAdapter, reserved: int = 0) -> str:
-        """Register a mix held in memory, under its own name, with one reference
-        taken (give it back with release(adapter.digest)); the mix is dropped
-        when its last reference goes. `reserved` bytes were booked with
-        reserve_mix; the mix holds adapter.nbytes of the budget from now on.
-        Returns its name."""
+    def add_mix(self, adapter: LoraAdapter, reserved: int = 0) -> None:
+        """Hold a mix in memory with one reference taken (give it back with
+        release(adapter.digest)); the mix is dropped when its last reference
+        goes. `reserved` bytes were booked with reserve_mix; the mix holds
+        adapter.nbytes of the budget from now on, unless the pool held these
+        weights already (built meanwhile by another request)."""
         with self._lock:
             self._mix_bytes -= reserved
-            name = self.hold_mix(adapter.digest)  # built meanwhile by another request
-            if name is not None:
-                return name
+            if self.hold_mix(adapter.digest):
+                return
             self.check_fits(adapter.rank)
-            if adapter.name in self._names or adapter.digest in self._sources:
-                raise Conflict(f"adapter `{adapter.name}` already exists", "adapters", "invalid_mix")
-            self._mixes[adapter.name] = adapter.digest
+            self._mixes.add(adapter.digest)
             self._sources[adapter.digest] = AdapterSource.in_memory(adapter)
             self._refs[adapter.digest] = 1
             self._mix_bytes += adapter.nbytes
-            return adapter.name
 
     def mix_bytes(self) -> int:
         """Bytes of the mix budget in use (mixes held and being built)."""
@@ -236,23 +253,14 @@ class AdapterPool:
         with self._lock:
             return sum(self._refs.values())
 
-    def source(self, name: str) -> AdapterSource | None:
-        with self._lock:
-            digest = self._names.get(name)
-            return None if digest is None else self._sources[digest]
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._names)
-
-    def __contains__(self, name: str) -> bool:
-        with self._lock:
-            return name in self._names or name in self._mixes
+    # -- references -----------------------------------------------------------
 
     def acquire(self, digest: str) -> None:
+        """A reference on `digest` for an unfinished request; AdapterGone if
+        nothing holds it any more (its name was deleted meanwhile)."""
         with self._lock:
             if digest not in self._sources:
-                raise KeyError(f"no adapter with digest {digest}")
+                raise AdapterGone("the adapter was deleted", "model", "model_not_found")
             self._refs[digest] = self._refs.get(digest, 0) + 1
 
     def release(self, digest: str) -> None:
@@ -267,10 +275,10 @@ class AdapterPool:
             return self._refs.get(digest, 0)
 
     def _drop_if_unused(self, digest: str) -> bool:
-        if digest in self._refs or digest in self._names.values():
+        if digest in self._refs or digest in self._registered:
             return False
-        if self._mixes.get(self._sources[digest].name) == digest:
-            del self._mixes[self._sources[digest].name]
+        if digest in self._mixes:
+            self._mixes.discard(digest)
             self._mix_bytes -= self._sources[digest].nbytes
         del self._sources[digest]
         self.host.pop(digest)

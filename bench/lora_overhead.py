@@ -31,13 +31,11 @@ def measure(dtype: str, repeats: int, num_seqs=32, num_adapters=8, rank=16, ctx=
     bs = 16
     kv = KVCache(cfg, 1024, bs, DTYPES[dtype])
     runner = ModelRunner.for_pool(model, kv, pool.device)
-    for i in range(num_adapters):
-        plain = random_adapter(cfg, f"a{i}", rank, seed=i)
-        pool.register(plain)
-        pool.register(dora_copy(plain, f"d{i}", seed=100 + i))
-    slots = pool.make_resident([pool.resolve(f"a{i}") for i in range(num_adapters)])
-    slot_of = list(slots.values())
-    dora_slot_of = list(pool.make_resident([pool.resolve(f"d{i}") for i in range(num_adapters)]).values())
+    plain = [random_adapter(cfg, f"a{i}", rank, seed=i) for i in range(num_adapters)]
+    digests = [pool.add(a) for a in plain]
+    dora_digests = [pool.add(dora_copy(a, f"d{i}", seed=100 + i)) for i, a in enumerate(plain)]
+    slot_of = list(pool.make_resident(digests).values())
+    dora_slot_of = list(pool.make_resident(dora_digests).values())
     per_seq = (ctx + bs) // bs
 
     def decode_chunks(with_lora: bool, slot_list=slot_of):

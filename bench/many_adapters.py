@@ -65,10 +65,10 @@ def write_adapters(cfg, root: Path, n: int) -> list[AdapterSource]:
     return sources
 
 
-def run(engine: Engine, names: list[str], prompts, params) -> float:
-    """Output tokens/s of the whole batch of requests."""
-    for p, name in zip(prompts, names):
-        engine.add_request(p, params, name)
+def run(engine: Engine, digests: list[str], prompts, params) -> float:
+    """Output tokens/s of the whole batch of requests (request i on adapter digests[i])."""
+    for p, digest in zip(prompts, digests):
+        engine.add_request(p, params, digest)
     t0 = time.perf_counter()
     out = engine.run_to_completion()
     seconds = time.perf_counter() - t0
@@ -107,24 +107,22 @@ def main(argv=None):
 
         # baseline: 8 adapters of rank 16, all resident (in memory, pool big enough)
         base_engine = Engine(model, None, dataclasses.replace(config, adapter_pool_bytes=8 * 16 * page))
-        for i in range(8):
-            base_engine.adapters.register(random_adapter(cfg, f"r{i}", 16, seed=100 + i))
-        base_engine.adapters.make_resident([base_engine.adapters.resolve(f"r{i}") for i in range(8)])
-        run(base_engine, [f"r{i % 8}" for i in range(8)], prompts[:8], params)  # warm-up
+        resident = [base_engine.adapters.add(random_adapter(cfg, f"r{i}", 16, seed=100 + i)) for i in range(8)]
+        base_engine.adapters.make_resident(resident)
+        run(base_engine, resident, prompts[:8], params)  # warm-up
         rss0 = rss_bytes()
         engine = Engine(model, None, config)
-        for s in sources:
-            engine.adapters.register(s)
+        digests = [engine.adapters.add(s) for s in sources]  # adapter ad{i}
         del sources
         rss1 = rss_bytes()
 
-        zipf_names = [f"ad{k}" for k in choose("zipf", n, num_requests, rng)]
-        uniform_names = [f"ad{k}" for k in choose("uniform", n, num_requests, rng)]
+        zipf = [digests[k] for k in choose("zipf", n, num_requests, rng)]
+        uniform = [digests[k] for k in choose("uniform", n, num_requests, rng)]
         results = {}
-        for label, eng, names in (("8 resident", base_engine, [f"r{i % 8}" for i in range(num_requests)]),
-                                  ("zipf", engine, zipf_names),
-                                  ("uniform", engine, uniform_names)):
-            results[label] = run(eng, names, prompts, params)
+        for label, eng, picks in (("8 resident", base_engine, [resident[i % 8] for i in range(num_requests)]),
+                                  ("zipf", engine, zipf),
+                                  ("uniform", engine, uniform)):
+            results[label] = run(eng, picks, prompts, params)
             eng.adapters.wait_idle()
         usage = engine.adapters.tier_usage()
         rss2 = rss_bytes()
@@ -138,12 +136,11 @@ def main(argv=None):
 
         # disk -> device latency, rank 16, one at a time (no prefetch): read, parse, copy into pages
         pool = AdapterPool(DeviceLoraPool(cfg, device_bytes, 64, MAX_RANK, lora_pool_dtype(model)), prefetch=False)
-        rank16 = [f"ad{i}" for i in range(1, n, 3)][:40]
-        for name in rank16:
-            pool.register(engine.adapters.source(name))
+        rank16 = [digests[i] for i in range(1, n, 3)][:40]  # ranks cycle 8, 16, 32
+        for d in rank16:
+            pool.add(engine.adapters.source(d))
         lat = []
-        for name in rank16:
-            d = pool.resolve(name)
+        for d in rank16:
             t = time.perf_counter()
             pool.make_resident([d])
             lat.append(time.perf_counter() - t)

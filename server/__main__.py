@@ -74,10 +74,8 @@ def _serve(args) -> int:
     from loramux.server.api.adapter_service import restore_stored
     from loramux.server.api.state import ServerSettings, ServerState
     from loramux.server.config import EngineConfig
-    from loramux.server.engine.async_engine import AsyncEngine
     from loramux.server.engine.engine import Engine
     from loramux.server.llm import load_base, resolve_dtype
-    from loramux.server.metrics import Metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loramux.serve")
@@ -100,11 +98,8 @@ def _serve(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    engine = Engine(net, tokenizer, config)
-    metrics = Metrics(config.max_loras_per_batch)
     data_dir = Path(args.data_dir)
     store = AdapterStore(args.adapter_dir or data_dir / "adapters")
-    infos = restore_stored(engine, store, metrics)
     served = args.served_model_name or (
         DEFAULT_SERVED_NAME if args.model in (None, "default") else Path(args.model).name.removesuffix(".gguf"))
     settings = ServerSettings(
@@ -112,8 +107,8 @@ def _serve(args) -> int:
         allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
         max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
     )
-    async_engine = AsyncEngine(engine, on_step=metrics.on_step)
-    state = ServerState(async_engine, store, settings, metrics, adapters=infos)
+    state = ServerState.assemble(Engine(net, tokenizer, config), store, settings)
+    restore_stored(state.adapters, store, net.cfg, config.max_lora_rank)
     app = create_app(state)
 
     class DrainingServer(uvicorn.Server):
@@ -140,7 +135,7 @@ def _serve(args) -> int:
     try:
         asyncio.run(server.serve())
     finally:
-        async_engine.shutdown()
+        state.engine.shutdown()
     return 0
 
 

@@ -12,6 +12,8 @@ from loramux.server.engine.engine import Engine
 from loramux.server.model.loader import chat_token_ids, load_safetensors_weights, resolve_model_dir
 from loramux.server.model.llama import LlamaModel
 from loramux.adapters_store.peft_format import load_peft_adapter
+from loramux.adapters_store.registry import AdapterRegistry, RegisteredAdapter
+from loramux.adapters_store.sources import AdapterSource
 from loramux.server.engine.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,12 +66,13 @@ class LLM:
         config = EngineConfig(dtype=dtype, device=device, **engine_options)
         net, self.tokenizer, self.model_dir = load_base(model, dtype, device)
         self.engine = Engine(net, self.tokenizer, config)
+        self.adapters = AdapterRegistry(self.engine.adapters)
         for name, path in (adapters or {}).items():
             self.register_adapter(name, path)
 
     def register_adapter(self, name: str, path: str | Path) -> None:
         adapter = load_peft_adapter(path, self.engine.model.cfg, self.engine.config.max_lora_rank, name=name)
-        self.engine.adapters.register(adapter)
+        self.adapters.register(RegisteredAdapter(name, AdapterSource.in_memory(adapter)))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return chat_token_ids(self.tokenizer, messages)
@@ -87,10 +90,11 @@ class LLM:
         adapters = adapters or [None] * n
         if not len(samplings) == len(adapters) == n:
             raise ValueError("prompts, sampling and adapters must have the same length")
+        digests = [None if a is None else self.adapters.lookup(a, "adapters").digest for a in adapters]
         ids = []
-        for i, (prompt, params, adapter) in enumerate(zip(prompts, samplings, adapters)):
+        for i, (prompt, params, adapter, digest) in enumerate(zip(prompts, samplings, adapters, digests)):
             prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            ids.append(self.engine.add_request(prompt_ids, params, adapter, request_id=f"offline-{i}"))
+            ids.append(self.engine.add_request(prompt_ids, params, digest, f"offline-{i}", adapter))
         results = self.engine.run_to_completion()
         completions = []
         for rid in ids:

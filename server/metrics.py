@@ -8,10 +8,11 @@ One `Metrics` per app, on its own CollectorRegistry. Two feeds:
   inter-token latency, end-to-end latency and the finish reason.
 prometheus_client's metrics are thread-safe, so the two never lock each other.
 
-Per-adapter series exist only for registered adapters (`track_adapter`,
-`forget_adapter`, both called in the engine thread): a deleted adapter's
-series go with it, every per-request mix counts under the one label "mix",
-and a client can never add a label value by sending requests.
+Per-adapter series exist only for adapters in the registry (requests carry
+their adapter's name as their label, CheckedRequest.adapter_label):
+`forget_adapter` (in the engine thread) removes a deleted adapter's series,
+every per-request mix counts under the one label "mix", and a client can
+never add a label value by sending requests.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from loramux.adapters_store.arithmetic import MIX_NAME_PREFIX
 from loramux.adapters_store.pool import TierUsage
+from loramux.adapters_store.registry import AdapterRegistry
 
 P = "loramux:"
 MIX_LABEL = "mix"
@@ -41,9 +42,10 @@ def pool_tiers(pool) -> dict[str, TierUsage]:
 
 
 class Metrics:
-    def __init__(self, max_loras: int):
+    def __init__(self, max_loras: int, adapters: AdapterRegistry):
         self.registry = r = CollectorRegistry()
         self.max_loras = max_loras
+        self.adapters = adapters  # which labels are adapters that exist
         self.running = Gauge(P + "num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", registry=r)
@@ -94,7 +96,6 @@ class Metrics:
         self.mix_bytes = Gauge(P + "adapter_mix_bytes", "Bytes of per-request mixes held or being built",
                                registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
-        self._tracked: set[str] = set()  # registered adapter names: the only per-adapter label values
         self._preemptions_seen = 0
         self._seen_running: set[str] = set()  # request ids already scheduled once
         self._adapters_seen: set[str] = set()
@@ -105,26 +106,20 @@ class Metrics:
 
     # -- engine thread ------------------------------------------------------
 
-    def track_adapter(self, name: str) -> None:
-        """`name` is registered: it gets per-adapter series."""
-        self._tracked.add(name)
-
     def forget_adapter(self, name: str) -> None:
         """`name` is deleted: its per-adapter series are removed."""
-        self._tracked.discard(name)
         self._adapters_seen.discard(name)
         for metric in (self.adapter_running, self.adapter_waiting, self.adapter_tokens):
             _remove(metric, name)
         for reason in _FINISH_REASONS:
             _remove(self.adapter_success, name, reason)
 
-    def _label(self, name: str | None) -> str | None:
-        """The adapter label of a request for adapter `name`; None: not counted per adapter."""
-        if name is None:
+    def _label(self, label: str | None) -> str | None:
+        """The series label of a request's adapter label ("" for the base
+        model); None: not counted per adapter (its name was deleted)."""
+        if label is None:
             return ""
-        if name in self._tracked:
-            return name
-        return MIX_LABEL if name.startswith(MIX_NAME_PREFIX) else None
+        return label if label == MIX_LABEL or label in self.adapters else None
 
     def on_step(self, engine, outputs) -> None:
         sched, now = engine.scheduler, time.monotonic()
@@ -169,7 +164,7 @@ class Metrics:
             if out.num_output_tokens == n:  # the request's first output
                 self.prompt_tokens.inc(out.num_prompt_tokens)
             self.generation_tokens.inc(n)
-            label = self._label(out.adapter)
+            label = self._label(out.adapter_label)
             if label is None:
                 continue
             self.adapter_tokens.labels(label).inc(n)

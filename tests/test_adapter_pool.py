@@ -16,12 +16,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.host_cache import HostCache
-from loramux.adapters_store.pool import AdapterPool
+from loramux.adapters_store.pool import AdapterGone, AdapterPool
+from loramux.adapters_store.registry import AdapterRegistry, RegisteredAdapter
 from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
 from loramux.server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, ModelConfig
 from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter, save_peft_adapter
 from loramux.bench.popularity import choose
 from loramux.bench.synthetic import random_adapter
+from loramux.server.errors import Conflict, NotFound
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=16, intermediate_size=24, num_layers=2,
                   num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -77,7 +79,7 @@ def test_lru_order_and_pinned_never_evicted():
     pool = AdapterPool(device(48), prefetch=False)
     ads = [synth(CFG, f"a{i}", 16, i) for i in range(5)]
     for a in ads:
-        pool.register(disk_source(a))
+        pool.add(disk_source(a))
     d = [a.digest for a in ads]
     pool.make_resident([d[0]])
     pool.make_resident([d[1]])
@@ -105,7 +107,7 @@ def test_pages_reused_across_ranks_4_to_64_without_fragmentation():
     rng = random.Random(0)
     ads = [synth(CFG, f"r{i}", rng.choice([4, 8, 12, 16, 24, 32, 48, 64]), i) for i in range(40)]
     for a in ads:
-        pool.register(disk_source(a))
+        pool.add(disk_source(a))
     for step in range(300):
         a = rng.choice(ads)
         # room is total free pages, never a contiguous run: any rank fits once enough is evicted
@@ -125,7 +127,7 @@ def test_host_tier_budget_lru_and_disk_reads():
     pool = AdapterPool(device(8, slots=1), host_bytes=2 * ads[0].nbytes, prefetch=False)
     sources = [disk_source(a) for a in ads]
     for s in sources:
-        pool.register(s)
+        pool.add(s)
     for a in ads[:3]:
         pool.make_resident([a.digest])
     host = pool.tier_usage()["host"]
@@ -150,20 +152,43 @@ def test_host_cache_keeps_protected_entries():
 
 def test_refs_released_and_names_are_digests():
     pool = AdapterPool(device(64), prefetch=False)
+    registry = AdapterRegistry(pool)
     v1, v2 = synth(CFG, "a", 8, 1), synth(CFG, "a", 8, 2)
     s1 = disk_source(v1)
-    pool.register(s1)
-    d1 = pool.resolve("a")
-    pool.acquire(d1)
+    registry.register(RegisteredAdapter("a", s1))
+    d1 = registry.lookup("a").digest
+    pool.acquire(d1)  # request r1
     pool.make_resident([d1], frozenset({d1}))
-    pool.unregister("a")  # r1 still holds d1: its weights are read into memory now
-    assert s1.load.reads == 2 and pool.source("a") is None
-    pool.register(v2)
-    d2 = pool.resolve("a")
+    registry.unregister("a")  # r1 still holds d1: its weights are read into memory now
+    assert s1.load.reads == 2 and "a" not in registry and pool.source(d1).held
+    with pytest.raises(NotFound):
+        registry.unregister("a")
+    registry.register(RegisteredAdapter("a", AdapterSource.in_memory(v2)))
+    d2 = registry.lookup("a").digest
     assert d2 != d1 and pool.is_resident(d1)
+    with pytest.raises(Conflict):
+        registry.register(RegisteredAdapter("a", AdapterSource.in_memory(v1)))
     pool.release(d1)
-    assert pool.refs(d1) == 0 and not pool.is_resident(d1)
+    assert pool.refs(d1) == 0 and not pool.is_resident(d1) and d1 not in pool
     assert set(pool.tier_usage()["disk"].adapters) == {d2}
+    with pytest.raises(AdapterGone):  # a request checked before the delete, admitted after
+        pool.acquire(d1)
+    pool.check_consistent()
+
+
+def test_same_weights_under_two_names_are_held_once_until_both_go():
+    pool = AdapterPool(device(64), prefetch=False)
+    registry = AdapterRegistry(pool)
+    v = synth(CFG, "x", 8, 3)
+    s1, s2 = disk_source(v), disk_source(v)
+    registry.register(RegisteredAdapter("x", s1))
+    registry.register(RegisteredAdapter("y", s2))
+    assert registry.lookup("x").digest == registry.lookup("y").digest == v.digest
+    assert set(pool.tier_usage()["disk"].adapters) == {v.digest}
+    registry.unregister("x")  # "y" still names the weights: nothing is read or dropped
+    assert v.digest in pool and [s1.load.reads, s2.load.reads] == [1, 0]
+    registry.unregister("y")
+    assert v.digest not in pool and len(registry) == 0
     pool.check_consistent()
 
 
@@ -192,7 +217,7 @@ def test_prefetch_loads_waiting_adapters_and_counts_hits():
     pool = AdapterPool(device(32), prefetch=True)
     ads = [synth(CFG, f"p{i}", 8, i) for i in range(6)]
     for a in ads:
-        pool.register(disk_source(a))
+        pool.add(disk_source(a))
     d = [a.digest for a in ads]
     pool.make_resident([d[0]], frozenset({d[0]}))
     pool.prefetch(d[1:], frozenset({d[0]}))  # room for 3 beside the pinned d0
@@ -212,7 +237,7 @@ def test_step_and_worker_race_keeps_pages_intact():
     rng = random.Random(1)
     ads = [synth(CFG, f"t{i}", rng.choice([4, 8, 16]), i) for i in range(24)]
     for a in ads:
-        pool.register(disk_source(a))
+        pool.add(disk_source(a))
     by_digest = {a.digest: a for a in ads}
     digests = list(by_digest)
     for _ in range(150):
@@ -236,7 +261,7 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.pool = AdapterPool(device(40, slots=6), host_bytes=0, prefetch=True)
         self.adapters: dict[str, LoraAdapter] = {}  # digest -> weights, every one ever registered
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # registrations: name -> digest
         self.held: list[str] = []  # digests held by "requests"
         self.n = 0
 
@@ -244,7 +269,7 @@ class PoolMachine(RuleBasedStateMachine):
     def register(self, rank):
         a = synth(CFG, f"m{self.n}", rank, self.n)
         self.n += 1
-        self.pool.register(disk_source(a) if self.n % 2 else a)
+        self.pool.add(disk_source(a) if self.n % 2 else a)
         self.adapters[a.digest], self.names[a.name] = a, a.digest
 
     @precondition(lambda self: self.names)
@@ -264,8 +289,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def unregister(self, data):
         name = data.draw(st.sampled_from(sorted(self.names)))
-        self.pool.unregister(name)
-        del self.names[name]
+        self.pool.detach(self.names.pop(name))
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -298,7 +322,7 @@ class PoolMachine(RuleBasedStateMachine):
         for d in list(self.held):
             self.pool.release(d)
         for name in list(self.names):
-            self.pool.unregister(name)
+            self.pool.detach(self.names.pop(name))
         assert not self.pool.resident() and not self.pool.tier_usage()["disk"].adapters
 
 
@@ -341,7 +365,7 @@ def _engine(root, cfg, adapters, pool_bytes, from_disk, **options):
                           adapter_pool_bytes=pool_bytes, **options)
     engine = Engine(model, None, config)
     for a in adapters:
-        engine.adapters.register(AdapterSource.from_folder(root / a.name, a, cfg, 16) if from_disk else a)
+        engine.adapters.add(AdapterSource.from_folder(root / a.name, a, cfg, 16) if from_disk else a)
     return engine
 
 
@@ -356,7 +380,7 @@ def test_200_adapters_through_8_resident_equal_all_resident(many):
     params = SamplingParams(max_tokens=4, ignore_eos=True)
 
     def serve(engine):
-        ids = [engine.add_request(p, params, adapters[k].name) for p, k in zip(prompts, picks)]
+        ids = [engine.add_request(p, params, adapters[k].digest) for p, k in zip(prompts, picks)]
         out = engine.run_to_completion()
         return [[t for o in out[i] for t in o.token_ids] for i in ids]
 
@@ -381,7 +405,7 @@ def test_abort_and_finish_release_their_adapters(many):
     root, cfg, adapters = many
     page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
     engine = _engine(root, cfg, adapters[:20], page * 64, True, max_num_seqs=4)
-    ids = [engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), adapters[i].name)
+    ids = [engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), adapters[i].digest)
            for i in range(12)]
     engine.step()
     engine.step()
@@ -390,7 +414,7 @@ def test_abort_and_finish_release_their_adapters(many):
     assert running and waiting
     engine.abort(running[0])
     engine.abort(waiting[0])
-    engine.adapters.unregister(adapters[3].name)  # held by a queued request: still served
+    engine.adapters.detach(adapters[3].digest)  # its registration goes; held by a queued request: still served
     engine.run_to_completion()
     pool = engine.adapters
     assert all(pool.refs(a.digest) == 0 for a in adapters[:20])

@@ -55,10 +55,9 @@ def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
     pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight))
     runner = ModelRunner.for_pool(model, kv, pool.device)
     forbid_other_lora_path(monkeypatch, path)
-    for name, p in paths.items():
-        pool.register(load_peft_adapter(p, cfg, 64, name=name))
-    by_digest = pool.make_resident([pool.resolve(n) for n in paths])
-    slots = {n: by_digest[pool.resolve(n)] for n in paths}
+    digests = {name: pool.add(load_peft_adapter(p, cfg, 64, name=name)) for name, p in paths.items()}
+    by_digest = pool.make_resident(list(digests.values()))
+    slots = {n: by_digest[digests[n]] for n in paths}
     assert sorted(s for s in slots.values() if pool.device.is_dora[s]) == sorted(
         slots[n] for n, dora, _ in ADAPTERS if dora)
 

@@ -74,7 +74,7 @@ def test_aborting_half_leaves_the_rest_correct_and_frees_every_block(setup, alon
     requests, want = alone
     llm = make_llm(setup, max_num_batched_tokens=24)
     engine = llm.engine
-    ids = [engine.add_request(p, s, a) for p, s, a in requests[:40]]
+    ids = [engine.add_request(p, s, a and llm.adapters.lookup(a).digest) for p, s, a in requests[:40]]
     results: dict[str, list[int]] = {}
     for step in range(6):  # some waiting, some prefilling, some decoding
         for o in engine.step():
@@ -91,7 +91,7 @@ def test_aborting_half_leaves_the_rest_correct_and_frees_every_block(setup, alon
             assert results[rid] == want[i]
     assert engine.allocator.num_free == engine.allocator.num_blocks
     # every finished or aborted request released its adapter
-    assert all(engine.adapters.refs(engine.adapters.resolve(f"ad{i}")) == 0 for i in range(NUM_ADAPTERS))
+    assert all(engine.adapters.refs(llm.adapters.lookup(f"ad{i}").digest) == 0 for i in range(NUM_ADAPTERS))
 
 
 def test_async_engine_streams_and_aborts_on_consumer_exit(setup, alone):
@@ -99,11 +99,14 @@ def test_async_engine_streams_and_aborts_on_consumer_exit(setup, alone):
     llm = make_llm(setup)
     engine = AsyncEngine(llm.engine)
 
+    def checked(p, s, a):
+        return llm.engine.check_request(p, s, a and llm.adapters.lookup(a).digest)
+
     async def collect(p, s, a):
-        return [t for out in [o async for o in engine.generate(llm.engine.check_request(p, s, a))] for t in out.token_ids]
+        return [t for out in [o async for o in engine.generate(checked(p, s, a))] for t in out.token_ids]
 
     async def abandon(p, a):
-        async for _ in engine.generate(llm.engine.check_request(p, SamplingParams(max_tokens=400, ignore_eos=True), a)):
+        async for _ in engine.generate(checked(p, SamplingParams(max_tokens=400, ignore_eos=True), a)):
             break  # the consumer goes away after the first token
 
     async def main():

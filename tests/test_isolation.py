@@ -25,6 +25,8 @@ from loramux.server import LLM
 from loramux.server.api.generation import build_sampling
 from loramux.server.errors import LoramuxError
 from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, load_peft_adapter
+from loramux.adapters_store.registry import RegisteredAdapter
+from loramux.adapters_store.sources import AdapterSource
 from loramux.server.api.protocol import CompletionRequest
 from loramux.server.engine.sampling import SamplingParams
 from helpers.tiny import VOCAB, make_adapter, make_model
@@ -50,7 +52,7 @@ def make_llm(files) -> LLM:
     sources = [arithmetic.Source(load_peft_adapter(files / n, cfg, max_rank, n), w)
                for n, w in (("a1", 0.7), ("a2", -0.4))]
     mix = arithmetic.concat(arithmetic.MIX_NAME_PREFIX + "victim", sources)
-    llm.victim_mix = llm.engine.adapters.add_mix(mix)  # held (one reference) for the module's life
+    llm.engine.adapters.add_mix(mix)  # held (one reference) for the module's life
     llm.victim_mix_digest = mix.digest
     return llm
 
@@ -58,8 +60,23 @@ def make_llm(files) -> LLM:
 VICTIM_ADAPTERS = [None, "a1", "d1", "mix"]
 
 
+def digest_of(llm, adapter: str | None) -> str | None:
+    """The digest requests for `adapter` run with: a registered name, "mix" (the module's held mix) or None."""
+    if adapter is None:
+        return None
+    return llm.victim_mix_digest if adapter == "mix" else llm.adapters.lookup(adapter).digest
+
+
+def run_rows(llm, rows: list[tuple[list[int], SamplingParams, str | None]], prefix: str = "row") -> list[list[int]]:
+    """Each (prompt, sampling, adapter) row's tokens, all in one engine run."""
+    engine = llm.engine
+    ids = [engine.add_request(p, s, digest_of(llm, a), f"{prefix}-{i}") for i, (p, s, a) in enumerate(rows)]
+    results = engine.run_to_completion()
+    return [[t for o in results[rid] for t in o.token_ids] for rid in ids]
+
+
 def victims(llm):
-    return [(p, GREEDY, llm.victim_mix if a == "mix" else a) for p, a in zip(VICTIM_PROMPTS, VICTIM_ADAPTERS)]
+    return list(zip(VICTIM_PROMPTS, [GREEDY] * len(VICTIM_PROMPTS), VICTIM_ADAPTERS))
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +87,15 @@ def llm(files):
 @pytest.fixture(scope="module")
 def solo(llm):
     """Each victim's tokens when it runs by itself."""
-    return [llm.generate([p], s, [a])[0].token_ids for p, s, a in victims(llm)]
+    return [run_rows(llm, [row])[0] for row in victims(llm)]
 
 
 def run_with_attacker(llm, attacker: tuple[list[int], SamplingParams, str | None]):
     """(victims' token lists, the attacker's outputs), all in one engine run."""
     engine = llm.engine
-    ids = [engine.add_request(p, s, a, request_id=f"victim-{i}") for i, (p, s, a) in enumerate(victims(llm))]
-    engine.add_request(*attacker, request_id="attacker")
+    ids = [engine.add_request(p, s, digest_of(llm, a), f"victim-{i}") for i, (p, s, a) in enumerate(victims(llm))]
+    prompt, sampling, adapter = attacker
+    engine.add_request(prompt, sampling, digest_of(llm, adapter), "attacker")
     results = engine.run_to_completion()
     for rid in ids:
         assert all(o.error is None for o in results[rid]), results[rid][-1]
@@ -101,12 +119,12 @@ def test_non_finite_logits_fail_only_that_row(llm, solo):
     modules = {k: ModuleLora(m.a, m.b, float("inf")) for k, m in a1.modules.items()}
     broken = LoraAdapter("inf-scale", a1.rank, a1.lora_alpha, a1.target_modules, modules, a1.config,
                          "f" * 64, a1.nbytes)
-    llm.engine.adapters.register(broken)
+    llm.adapters.register(RegisteredAdapter("inf-scale", AdapterSource.in_memory(broken)))
     try:
         last = assert_failed_alone(llm, solo, ([40, 41, 42, 43], GREEDY, "inf-scale"))
         assert "non-finite" in last.error
     finally:
-        llm.engine.adapters.unregister("inf-scale")
+        llm.adapters.unregister("inf-scale")
 
 
 def test_a_forward_pass_that_raises_fails_only_the_culprit(llm, solo, monkeypatch):
@@ -130,16 +148,15 @@ def test_a_forward_pass_that_raises_fails_only_the_culprit(llm, solo, monkeypatc
 
 def test_an_adapter_whose_files_vanish_fails_only_its_requests(llm, solo, files, tmp_path):
     folder = make_adapter(files / "base", tmp_path / "vanishing", r=4, alpha=8, seed=9)  # weights no one else has
-    from loramux.adapters_store.sources import AdapterSource
-
     adapter = load_peft_adapter(folder, llm.engine.model.cfg, 64, "vanishing")
-    llm.engine.adapters.register(AdapterSource.from_folder(folder, adapter, llm.engine.model.cfg, 64))
+    source = AdapterSource.from_folder(folder, adapter, llm.engine.model.cfg, 64)
+    llm.adapters.register(RegisteredAdapter("vanishing", source))
     shutil.rmtree(folder)
     try:
         last = assert_failed_alone(llm, solo, ([8, 9, 10], GREEDY, "vanishing"))
         assert "could not be loaded" in last.error
     finally:
-        llm.engine.adapters.unregister("vanishing")
+        llm.adapters.unregister("vanishing")
 
 
 def test_a_row_whose_sampling_raises_fails_alone(llm, solo, monkeypatch):
@@ -239,8 +256,7 @@ def test_every_request_is_refused_at_the_edge_or_served(llm, solo, body):
 def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(llm):
     params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)
     alone = llm.generate([[70, 71, 72]], params, ["d1"])[0].token_ids
-    batch = llm.generate([[70, 71, 72]] + [p for p, _, _ in victims(llm)], [params] + [GREEDY] * 4,
-                         ["d1"] + [a for _, _, a in victims(llm)])
-    assert batch[0].token_ids == alone
+    batch = run_rows(llm, [([70, 71, 72], params, "d1")] + victims(llm))
+    assert batch[0] == alone
     assert len(set(map(tuple, [llm.generate([[70, 71, 72]], SamplingParams(
         max_tokens=8, temperature=0.9, seed=s, ignore_eos=True), ["d1"])[0].token_ids for s in range(4)]))) > 1

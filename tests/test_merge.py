@@ -55,19 +55,17 @@ def run_rows(base_dir, adapters: dict, rows, mixes=()):
     cfg, model, kv = build(base_dir)
     pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight))
     runner = ModelRunner.for_pool(model, kv, pool.device)
-    for a in adapters.values():
-        pool.register(a)
-    names = {a.name: a.name for a in adapters.values()}
+    digest = {a.name: pool.add(a) for a in adapters.values()}
     for m in mixes:
-        names[m.name] = pool.add_mix(m)
-    want = [pool.resolve(names[n]) for n, _ in rows if n is not None]
-    slots = pool.make_resident(sorted(set(want)))
-    chunks = [SeqChunk(p, 0, [4 * k + j for j in range(4)], slots[pool.resolve(names[n])] if n else -1)
+        pool.add_mix(m)
+        digest[m.name] = m.digest
+    slots = pool.make_resident(sorted({digest[n] for n, _ in rows if n is not None}))
+    chunks = [SeqChunk(p, 0, [4 * k + j for j in range(4)], slots[digest[n]] if n else -1)
               for k, (n, p) in enumerate(rows)]
     out = runner.run(chunks)
     for m in mixes:  # the mix lives while referenced
         pool.release(m.digest)
-        assert m.name not in pool and pool.resolve(m.name) is None
+        assert m.digest not in pool
     return out
 
 

@@ -87,10 +87,9 @@ def test_lora_backend_is_chosen_from_device_and_env(env, device, want, monkeypat
 
 
 def _pool(cfg, paths, dtype=torch.float32):
+    """A pool holding the adapters of `paths`, and their digests by name."""
     pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 16, 64, dtype))
-    for name, path in paths.items():
-        pool.register(load_peft_adapter(path, cfg, 64, name=name))
-    return pool
+    return pool, {name: pool.add(load_peft_adapter(path, cfg, 64, name=name)) for name, path in paths.items()}
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -100,9 +99,9 @@ def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
     monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
     base_dir, paths = mixed_setup
     cfg, model, kv = build(base_dir)
-    pool = _pool(cfg, paths)
-    by_digest = pool.make_resident([pool.resolve(n) for n in paths])
-    slots = {n: by_digest[pool.resolve(n)] for n in paths}
+    pool, digests = _pool(cfg, paths)
+    by_digest = pool.make_resident(list(digests.values()))
+    slots = {n: by_digest[digests[n]] for n in paths}
     runner = ModelRunner.for_pool(model, kv, pool.device)
     forbid_other_lora_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(3)

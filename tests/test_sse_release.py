@@ -23,19 +23,16 @@ def app_and_engine(tmp_path_factory):
     from loramux.server.api.state import ServerSettings, ServerState
     from loramux.adapters_store.store import AdapterStore
     from loramux.server.config import EngineConfig
-    from loramux.server.engine.async_engine import AsyncEngine
     from loramux.server.engine.engine import Engine
     from loramux.server.llm import load_base
-    from loramux.server.metrics import Metrics
 
     root = make_api_files(tmp_path_factory.mktemp("sse"))
     net, tokenizer, folder = load_base(str(root / "base"), "float32", "cpu")
-    metrics = Metrics(16)
-    engine = AsyncEngine(Engine(net, tokenizer, EngineConfig(kv_cache_bytes=8 * 2**20, adapter_pool_bytes=4 * 2**20)),
-                         on_step=metrics.on_step)
-    state = ServerState(engine, AdapterStore(root / "store"), ServerSettings(BASE, str(folder)), metrics)
-    yield create_app(state), engine.engine, root
-    engine.shutdown()
+    state = ServerState.assemble(
+        Engine(net, tokenizer, EngineConfig(kv_cache_bytes=8 * 2**20, adapter_pool_bytes=4 * 2**20)),
+        AdapterStore(root / "store"), ServerSettings(BASE, str(folder)))
+    yield create_app(state), state.engine.engine, root
+    state.engine.shutdown()
 
 
 async def upload(app, root, name):

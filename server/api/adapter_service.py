@@ -24,14 +24,14 @@ from loramux.adapters_store import arithmetic
 from loramux.adapters_store.files import AdapterFilesChanged, PinnedFile
 from loramux.adapters_store.peft_format import CONFIG_NAME, MAX_CONFIG_BYTES, PICKLE_WEIGHTS_NAMES, WEIGHTS_NAME, \
     AdapterError, LoraAdapter, load_peft_adapter, parse_peft_adapter, peft_files
+from loramux.adapters_store.registry import AdapterRegistry, RegisteredAdapter
 from loramux.adapters_store.sources import AdapterSource, FolderLoader
 from loramux.adapters_store.store import AdapterStore, check_name
 from loramux.server.api.generation import GenerationService
 from loramux.server.api.protocol import AdapterInfo, MergeRequest
 from loramux.server.api.state import ServerState, adapter_info
-from loramux.server.engine.engine import Engine
-from loramux.server.errors import Conflict, Forbidden, Invalid, LoramuxError, NotFound, Unprocessable
-from loramux.server.metrics import Metrics
+from loramux.server.config import ModelConfig
+from loramux.server.errors import Conflict, Forbidden, Invalid, LoramuxError, Unprocessable
 
 log = logging.getLogger("loramux.adapters")
 
@@ -40,33 +40,30 @@ def _invalid_adapter(exc: AdapterError) -> Unprocessable:
     return Unprocessable(str(exc), exc.field, "invalid_adapter")
 
 
-def _register(engine: Engine, metrics: Metrics, source: AdapterSource) -> None:
-    """The one registration (in the engine thread, or before it starts)."""
-    engine.adapters.register(source)
-    metrics.track_adapter(source.name)
-
-
-def restore_stored(engine: Engine, store: AdapterStore, metrics: Metrics) -> dict[str, AdapterInfo]:
-    """Register every adapter the store holds, before the engine thread starts;
-    one that no longer validates or fits (e.g. above a new --max-lora-rank) is
-    logged and skipped. Metadata only: weights stay on disk until needed."""
-    cfg, max_rank = engine.model.cfg, engine.config.max_lora_rank
-    infos = {}
+def restore_stored(registry: AdapterRegistry, store: AdapterStore, cfg: ModelConfig, max_rank: int) -> int:
+    """Register every adapter the store holds, before the server starts; one
+    that no longer validates or fits (e.g. above a new --max-lora-rank) is
+    logged and skipped. Metadata only: weights stay on disk until needed.
+    How many were registered."""
+    count = 0
     for adapter, meta in store.iter_all(cfg, max_rank):
+        info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
         try:
-            _register(engine, metrics, AdapterSource.from_folder(store.path(adapter.name), adapter, cfg, max_rank))
+            source = AdapterSource.from_folder(store.path(adapter.name), adapter, cfg, max_rank)
+            registry.register(RegisteredAdapter(adapter.name, source, info))
         except (LoramuxError, OSError) as exc:
             log.error("skipping stored adapter %r: %s", adapter.name, exc)
             continue
-        infos[adapter.name] = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
-    log.info("%d adapters loaded from %s", len(infos), store.root)
-    return infos
+        count += 1
+    log.info("%d adapters loaded from %s", count, store.root)
+    return count
 
 
 class AdapterService:
     def __init__(self, state: ServerState, generation: GenerationService):
         self.state = state
         self.engine = state.engine
+        self.registry = state.adapters
         self.generation = generation  # reads registered adapters' weights for merges
         core = state.engine.engine
         self.model_cfg = core.model.cfg
@@ -80,10 +77,7 @@ class AdapterService:
     # -- rules --------------------------------------------------------------
 
     def info(self, name: str) -> AdapterInfo:
-        info = self.state.adapters.get(name)
-        if info is None:
-            raise NotFound(f"adapter `{name}` does not exist", "name", "adapter_not_found")
-        return info
+        return self.registry.lookup(name).info
 
     def check_new_name(self, name: str) -> None:
         try:
@@ -91,7 +85,7 @@ class AdapterService:
         except AdapterError as exc:
             raise Unprocessable(str(exc), "name", "invalid_adapter_name") from None
         state = self.state
-        if name in state.adapters or name == state.settings.served_model_name or state.store.exists(name):
+        if name in self.registry or name == state.settings.served_model_name or state.store.exists(name):
             raise Conflict(f"adapter `{name}` already exists", "name", "adapter_exists")
 
     async def parse(self, config_bytes: bytes, weights_bytes: bytes, name: str) -> LoraAdapter:
@@ -107,9 +101,7 @@ class AdapterService:
 
     async def register(self, source: AdapterSource, info: AdapterInfo) -> None:
         """Register the adapter's metadata; its weights stay on disk until a request needs them."""
-
-        await self.engine.call(lambda e: _register(e, self.state.metrics, source))
-        self.state.adapters[source.name] = info
+        self.registry.register(RegisteredAdapter(source.name, source, info))
 
     async def save_and_register(self, adapter: LoraAdapter, config_bytes: bytes, weights_bytes: bytes) -> AdapterInfo:
         """Store a validated adapter atomically and register it; nothing is left if that fails."""
@@ -125,19 +117,13 @@ class AdapterService:
         return info
 
     async def unregister(self, name: str) -> AdapterInfo:
-        info = self.state.adapters.pop(name, None)  # new requests get 404 from here on
-        if info is None:
-            raise NotFound(f"adapter `{name}` does not exist", "name", "adapter_not_found")
-        # in-flight requests keep their weights: the pool reads them into memory before the files go
-
-        def remove(e):
-            e.adapters.unregister(name)
-            self.state.metrics.forget_adapter(name)
-
-        await self.engine.call(remove)
-        if info.source == "upload":
+        # New requests get 404 from here on; in-flight ones keep their weights:
+        # the pool reads them into memory before the files go.
+        entry = await asyncio.to_thread(self.registry.unregister, name)
+        await self.engine.call(lambda e: self.state.metrics.forget_adapter(name))
+        if entry.info.source == "upload":
             await asyncio.to_thread(self.state.store.delete, name)
-        return info
+        return entry.info
 
     # -- the ways in --------------------------------------------------------
 
@@ -198,7 +184,8 @@ class AdapterService:
             raise Invalid(f"rank {body.rank} is above this server's max_lora_rank {max_rank}", "rank")
         async with self.lock:
             self.check_new_name(body.name)
-            loaded = await self.generation.load_sources([s.adapter for s in body.sources], "sources")
+            entries = self.generation.lookup_all([s.adapter for s in body.sources], "sources.{}")
+            loaded = await self.generation.load_sources(entries)
             sources = [arithmetic.Source(a, s.weight) for a, s in zip(loaded, body.sources)]
             errors = None
             if body.method == "concat":
@@ -250,10 +237,7 @@ class AdapterService:
         """The adapter's PEFT files as validated: open files of its folder, or
         bytes for one held in memory (its files were deleted while requests
         used it). Conflict if a folder's file is not the one registered."""
-        self.info(name)
-        source = await self.engine.call(lambda e: e.adapters.source(name))
-        if source is None:
-            raise NotFound(f"adapter `{name}` does not exist", "name", "adapter_not_found")
+        source = self.registry.lookup(name).source
 
         def open_files():
             if isinstance(source.load, FolderLoader):

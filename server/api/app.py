@@ -1,8 +1,10 @@
 """The HTTP app: OpenAI completions and chat, models, adapters, health, metrics.
 
 Assembly only: a Gate in front (drain, API key, body cap), the error table,
-and routers over two services (generation, adapters). Everything that touches
-the engine or its adapter pool runs in the engine thread (`AsyncEngine`).
+and routers over two services (generation, adapters). Names resolve in the
+adapter registry (adapters_store/registry.py), once per request; the engine
+and its adapter pool see only digests, and engine state is touched only in
+the engine thread (`AsyncEngine`).
 
 Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
 (server/api/errors.py): 400 invalid parameters, 401 API key, 403 adapter path

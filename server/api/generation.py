@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from loramux.adapters_store import arithmetic
 from loramux.adapters_store.peft_format import LoraAdapter
+from loramux.adapters_store.registry import RegisteredAdapter
 from loramux.server.api.errors import event_for
 from loramux.server.api.protocol import Usage
 from loramux.server.api.state import ServerState
@@ -28,7 +29,7 @@ from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.engine.engine import CheckedRequest, RequestOutput
 from loramux.server.engine.sampling import SamplingParams
 from loramux.server.errors import Busy, ClientGone, Failed, Invalid, LoramuxError, NotFound
-from loramux.server.metrics import RequestTimer
+from loramux.server.metrics import MIX_LABEL, RequestTimer
 from loramux.server.model.loader import chat_token_ids
 
 log = logging.getLogger("loramux.api")
@@ -71,8 +72,8 @@ class MixLease:
     """A reference on a per-request mix in the adapter pool; release() gives it
     back, once, however often it is called."""
 
-    def __init__(self, engine: AsyncEngine, name: str, digest: str):
-        self.engine, self.name, self.digest = engine, name, digest
+    def __init__(self, engine: AsyncEngine, digest: str):
+        self.engine, self.digest = engine, digest
         self._released = False
 
     async def release(self) -> None:
@@ -200,13 +201,14 @@ class GenerationService:
 
     # -- the request, checked once ----------------------------------------------
 
-    def resolve_model(self, name: str) -> str | None:
-        """The adapter a request's `model` names; None for the base model."""
+    def resolve_model(self, name: str) -> RegisteredAdapter | None:
+        """The adapter a request's `model` names, resolved once, here; None for the base model."""
         if name == self.state.settings.served_model_name:
             return None
-        if name in self.state.adapters:
-            return name
-        raise NotFound(f"The model `{name}` does not exist.", "model", "model_not_found")
+        entry = self.state.adapters.get(name)
+        if entry is None:
+            raise NotFound(f"The model `{name}` does not exist.", "model", "model_not_found")
+        return entry
 
     def check_length(self, chars: int, param: str) -> None:
         if chars > self.max_chars:
@@ -239,30 +241,32 @@ class GenerationService:
             raise Invalid(f"the chat template rejected the messages: {type(exc).__name__}", "messages") from None
 
     def plan(self, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-             adapter: str | None) -> list[Job]:
+             adapter: RegisteredAdapter | None) -> list[Job]:
         """The engine requests of one HTTP request, each checked; Busy before
         anything is built when the waiting queue cannot take them."""
         if body.adapters and adapter is not None:
             raise Invalid("with `adapters`, `model` must name the base model", "adapters")
+        digest, label = (adapter.digest, adapter.name) if adapter is not None else (None, None)
         jobs = []
         for p, ids in enumerate(prompts):
             for k in range(body.n):
                 limit = max_tokens if max_tokens is not None else \
                     max(1, min(self.context_len, self.kv_tokens) - len(ids))
                 sampling = build_sampling(body, limit, logprobs, k)
-                jobs.append(Job(len(jobs), p, self.core.check_request(ids, sampling, adapter)))
+                jobs.append(Job(len(jobs), p, self.core.check_request(ids, sampling, digest, label)))
         if self.engine.num_waiting() + len(jobs) > self.core.config.max_waiting:
             raise Busy("the server is busy: too many requests waiting", code="queue_full")
         return jobs
 
     async def start(self, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-                    adapter: str | None) -> Generation:
+                    adapter: RegisteredAdapter | None) -> Generation:
         """Plan, take the mix lease if the body asks for a mix (after the queue
         check, so a refused request builds nothing), and start every choice."""
         jobs = self.plan(body, prompts, max_tokens, logprobs, adapter)
         lease = await self.hold_mix(body)
         if lease is not None:  # the choices were checked on the base model; they run on the mix
-            jobs = [replace(j, checked=replace(j.checked, adapter=lease.name)) for j in jobs]
+            jobs = [replace(j, checked=replace(j.checked, adapter_digest=lease.digest, adapter_label=MIX_LABEL))
+                    for j in jobs]
         return Generation(jobs, Fanout(self.state, jobs), lease)
 
     # -- outputs ------------------------------------------------------------------
@@ -309,16 +313,14 @@ class GenerationService:
 
     # -- per-request mixes ------------------------------------------------------
 
-    async def load_sources(self, names: list[str], param: str) -> list[LoraAdapter]:
-        """The weights of registered adapters (read off the engine thread)."""
-        for i, n in enumerate(names):
-            if n not in self.state.adapters:
-                raise NotFound(f"adapter `{n}` does not exist", f"{param}.{i}", "adapter_not_found")
-        sources = await self.engine.call(lambda e: [e.adapters.source(n) for n in names])
-        for i, (n, s) in enumerate(zip(names, sources)):
-            if s is None:  # deleted meanwhile
-                raise NotFound(f"adapter `{n}` does not exist", f"{param}.{i}", "adapter_not_found")
-        return [await asyncio.to_thread(s.load) for s in sources]
+    def lookup_all(self, names: list[str], param: str, code: str = "adapter_not_found") -> list[RegisteredAdapter]:
+        """The registry entries of `names`; NotFound for the first missing one,
+        naming param.format(its index)."""
+        return [self.state.adapters.lookup(n, param.format(i), code) for i, n in enumerate(names)]
+
+    async def load_sources(self, entries: list[RegisteredAdapter]) -> list[LoraAdapter]:
+        """The weights of registered adapters (read in a thread)."""
+        return [await asyncio.to_thread(e.source.load) for e in entries]
 
     async def hold_mix(self, body) -> MixLease | None:
         """A lease on the request's mix of adapters (`adapters`), registered in
@@ -328,29 +330,18 @@ class GenerationService:
         if not body.adapters:
             return None
         engine = self.engine
-        names = [a.name for a in body.adapters]
         weights = [a.weight for a in body.adapters]
-        for i, n in enumerate(names):
-            if n not in self.state.adapters:
-                raise NotFound(f"adapter `{n}` does not exist", f"adapters.{i}.name", "model_not_found")
-        digests = await engine.call(lambda e: [e.adapters.resolve(n) for n in names])
-        if all(d is not None for d in digests):
-            key = arithmetic.mix_digest(list(zip(digests, weights)))
-            name = await engine.call(lambda e: e.adapters.hold_mix(key))
-            if name is not None:
-                return MixLease(engine, name, key)
-        sources_meta = await engine.call(lambda e: [e.adapters.source(n) for n in names])
-        if any(m is None for m in sources_meta):
-            i = next(i for i, m in enumerate(sources_meta) if m is None)
-            raise NotFound(f"adapter `{names[i]}` does not exist", f"adapters.{i}.name", "model_not_found")
-        booked = sum(m.nbytes for m in sources_meta)  # a concat holds every source's A and B once
+        entries = self.lookup_all([a.name for a in body.adapters], "adapters.{}.name", "model_not_found")
+        key = arithmetic.mix_digest([(e.digest, w) for e, w in zip(entries, weights)])
+        if await engine.call(lambda e: e.adapters.hold_mix(key)):
+            return MixLease(engine, key)
+        booked = sum(e.source.nbytes for e in entries)  # a concat holds every source's A and B once
         if not await engine.call(lambda e: e.adapters.reserve_mix(booked)):
             raise Busy("the server holds as many per-request adapter mixes as it can; retry later", "adapters",
                        "mix_budget_full")
         try:
-            loaded = await self.load_sources(names, "adapters")
+            loaded = await self.load_sources(entries)
             sources = [arithmetic.Source(a, w) for a, w in zip(loaded, weights)]
-            key = arithmetic.mix_digest([(a.digest, w) for a, w in zip(loaded, weights)])
             try:
                 mixed = await asyncio.to_thread(arithmetic.concat, arithmetic.MIX_NAME_PREFIX + key[:16], sources,
                                                 key)
@@ -364,5 +355,5 @@ class GenerationService:
         except BaseException:
             await engine.call(lambda e: e.adapters.unreserve_mix(booked))
             raise
-        name = await engine.call(lambda e: e.adapters.add_mix(mixed, booked))
-        return MixLease(engine, name, key)
+        await engine.call(lambda e: e.adapters.add_mix(mixed, booked))
+        return MixLease(engine, key)

@@ -28,7 +28,7 @@ def adapters_router(service: AdapterService) -> APIRouter:
 
     @router.get("/v1/adapters", response_model=AdapterList)
     async def list_adapters():
-        return AdapterList(data=[state.adapters[n] for n in sorted(state.adapters)])
+        return AdapterList(data=[e.info for e in state.adapters.entries()])
 
     @router.get("/v1/adapters/{name}", response_model=AdapterInfo)
     async def get_adapter(name: str):

@@ -133,9 +133,9 @@ def openai_router(state: ServerState, service: GenerationService) -> APIRouter:
         base = state.settings.served_model_name
         cards = [ModelCard(id=base, created=state.created, root=state.settings.model_root,
                            max_model_len=service.context_len)]
-        cards += [ModelCard(id=name, created=info.created, root=name, parent=base,
+        cards += [ModelCard(id=e.name, created=e.info.created, root=e.name, parent=base,
                             max_model_len=service.context_len)
-                  for name, info in sorted(state.adapters.items())]
+                  for e in state.adapters.entries()]
         return ModelList(data=cards)
 
     return router

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramux.adapters_store.peft_format import LoraAdapter
+from loramux.adapters_store.registry import AdapterRegistry
 from loramux.adapters_store.store import AdapterStore
 from loramux.server.api.protocol import AdapterInfo
 from loramux.server.engine.async_engine import AsyncEngine
+from loramux.server.engine.engine import Engine
 from loramux.server.metrics import Metrics
 
 
@@ -27,14 +29,22 @@ class ServerSettings:
 @dataclass
 class ServerState:
     engine: AsyncEngine
-    store: AdapterStore
+    store: AdapterStore  # where uploaded adapters persist
+    adapters: AdapterRegistry  # the names requests may use (entries' info: AdapterInfo)
     settings: ServerSettings
     metrics: Metrics
-    adapters: dict[str, AdapterInfo] = field(default_factory=dict)  # names requests may use
     draining: bool = False
     inflight: int = 0  # HTTP requests being served (streams included)
     created: int = field(default_factory=lambda: int(time.time()))
     adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def assemble(cls, engine: Engine, store: AdapterStore, settings: ServerSettings) -> "ServerState":
+        """The state of a server over `engine`: an empty registry over its
+        adapter pool, metrics fed by every step, and the engine's thread."""
+        registry = AdapterRegistry(engine.adapters)
+        metrics = Metrics(engine.config.max_loras_per_batch, registry)
+        return cls(AsyncEngine(engine, on_step=metrics.on_step), store, registry, settings, metrics)
 
 
 def adapter_info(adapter: LoraAdapter, sha256: str, size: int, created: int, source: str) -> AdapterInfo:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loramux.adapters_store.pool import AdapterPool
+from loramux.adapters_store.pool import AdapterGone, AdapterPool
 from loramux.server.config import EngineConfig
-from loramux.server.errors import Failed, Invalid, NotFound
+from loramux.server.errors import Failed, Invalid
 from loramux.server.engine.detokenizer import IncrementalDetokenizer
 from loramux.server.engine.kv_cache import BlockAllocator
 from loramux.server.model.kv_tensors import KVCache
@@ -43,7 +43,7 @@ class RequestOutput:
     """What one step produced for one request."""
 
     request_id: str
-    adapter: str | None  # the adapter name the request asked for
+    adapter_label: str | None  # the caller's label of the request's adapter (CheckedRequest)
     text: str  # new text since the last output
     token_ids: list[int]  # new tokens since the last output
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]  # (token, logprob, top)
@@ -61,7 +61,10 @@ class CheckedRequest:
 
     prompt_ids: list[int]
     sampling: SamplingParams
-    adapter: str | None  # the adapter name asked for; None: the base model
+    adapter_digest: str | None  # the weights it runs with; None: the base model
+    # What the caller calls those weights, echoed in outputs for its metrics
+    # (the API: the adapter's name, or "mix"); the engine never reads it.
+    adapter_label: str | None = None
 
 
 @dataclass
@@ -69,7 +72,7 @@ class _Generation:
     """Engine-side state of a request beyond what the scheduler tracks."""
 
     request: Request
-    adapter_name: str | None
+    adapter_label: str | None
     detok: IncrementalDetokenizer | None
     sampler: SampleState
     stop_ids: frozenset[int]
@@ -106,10 +109,11 @@ class Engine:
 
     # -- requests -------------------------------------------------------------
 
-    def check_request(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None) -> CheckedRequest:
-        """The request, checked; RequestError (or NotFound) for one that can never be served.
-        Reads only fixed sizes and the adapter names, so the API calls it on
-        the event loop, before anything reaches the engine thread."""
+    def check_request(self, prompt_ids: list[int], sampling: SamplingParams, adapter_digest: str | None = None,
+                      adapter_label: str | None = None) -> CheckedRequest:
+        """The request, checked; RequestError (or AdapterGone) for one that can never be served.
+        Reads only fixed sizes and the (thread-safe) pool, so the API calls it
+        on the event loop, before anything reaches the engine thread."""
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.model.cfg.vocab_size
@@ -130,36 +134,40 @@ class Engine:
             )
         if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
             raise RequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
-        if adapter is not None and adapter not in self.adapters:
-            raise NotFound(f"The model `{adapter}` does not exist.", "model", "model_not_found")
-        return CheckedRequest(list(prompt_ids), sampling, adapter)
+        if adapter_digest is not None and adapter_digest not in self.adapters:
+            raise AdapterGone("the adapter does not exist", "model", "model_not_found")
+        return CheckedRequest(list(prompt_ids), sampling, adapter_digest, adapter_label)
 
     def add_request(
         self,
         prompt_ids: list[int],
         sampling: SamplingParams,
-        adapter: str | None = None,
+        adapter_digest: str | None = None,
         request_id: str | None = None,
+        adapter_label: str | None = None,
     ) -> str:
         """Check and admit a request (the offline API's edge); its id."""
-        return self.admit(self.check_request(prompt_ids, sampling, adapter), request_id)
+        return self.admit(self.check_request(prompt_ids, sampling, adapter_digest, adapter_label), request_id)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     def admit(self, checked: CheckedRequest, request_id: str | None = None) -> str:
-        """Queue a checked request. The request holds the adapter's digest: a
-        name deleted and uploaded again meanwhile does not change the weights
-        it is served with; one deleted since the check is NotFound."""
+        """Queue a checked request, holding a reference on its adapter's digest
+        until it finishes: a name deleted and uploaded again meanwhile does not
+        change the weights it is served with. AdapterGone if nothing holds
+        the digest any more (deleted since the check)."""
         request_id = request_id or self.new_request_id()
-        adapter, sampling = checked.adapter, checked.sampling
-        digest = self.adapters.resolve(adapter) if adapter is not None else None
-        if adapter is not None and digest is None:
-            raise NotFound(f"The model `{adapter}` does not exist.", "model", "model_not_found")
+        digest, sampling = checked.adapter_digest, checked.sampling
         request = Request(request_id, list(checked.prompt_ids), sampling, digest)
-        self.scheduler.add(request)
         if digest is not None:
             self.adapters.acquire(digest)
+        try:
+            self.scheduler.add(request)
+        except BaseException:
+            if digest is not None:
+                self.adapters.release(digest)
+            raise
         stop_ids = frozenset(sampling.stop_token_ids) | (
             frozenset() if sampling.ignore_eos else frozenset(self.model.cfg.eos_token_ids)
         )
@@ -167,7 +175,7 @@ class Engine:
             IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sampling.stop)
             if self.tokenizer is not None else None
         )
-        self._gens[request_id] = _Generation(request, adapter, detok,
+        self._gens[request_id] = _Generation(request, checked.adapter_label, detok,
                                              SampleState.for_params(sampling, self.model.device), stop_ids)
         return request_id
 
@@ -191,9 +199,9 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def request_info(self, request_id: str) -> tuple[str | None, float] | None:
-        """(adapter name asked for, arrival time) of an unfinished request (for metrics)."""
+        """(adapter label, arrival time) of an unfinished request (for metrics)."""
         g = self._gens.get(request_id)
-        return None if g is None else (g.adapter_name, g.arrival_time)
+        return None if g is None else (g.adapter_label, g.arrival_time)
 
     # -- the step -------------------------------------------------------------
 
@@ -292,7 +300,7 @@ class Engine:
         if request.adapter_digest is not None:
             self.adapters.release(request.adapter_digest)
         return RequestOutput(
-            request_id=request.request_id, adapter=g.adapter_name, text="", token_ids=[], logprobs=[],
+            request_id=request.request_id, adapter_label=g.adapter_label, text="", token_ids=[], logprobs=[],
             finished=True, finish_reason="error", num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_ids), error=reason,
         )
@@ -356,7 +364,7 @@ class Engine:
                 self.adapters.release(req.adapter_digest)
         return RequestOutput(
             request_id=req.request_id,
-            adapter=g.adapter_name,
+            adapter_label=g.adapter_label,
             text=text,
             token_ids=[token],
             logprobs=[(token, logprob, top)] if req.sampling.logprobs is not None else [],
