@@ -33,14 +33,16 @@ log = logging.getLogger("loramux.adapter_store")
 
 META_NAME = "meta.json"
 _TMP_PREFIX = ".tmp-"
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A letter or digit first: no '.', '..', hidden or temporary folder (.tmp-*),
+# no '__pycache__'-like folder and nothing that reads as a command-line flag.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_name(name: str) -> None:
     """Raise AdapterError unless `name` is a safe adapter (and folder) name."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", "..") or name.startswith(_TMP_PREFIX):
-        raise AdapterError(
-            "the adapter name must be 1-64 characters of A-Z a-z 0-9 . _ - and not '.' or '..'", "name")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise AdapterError("the adapter name must be 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter "
+                           "or a digit", "name")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(_TMP_PREFIX) and NAME_RE.fullmatch(p.name))
+                      if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def read(self, name: str) -> tuple[bytes, bytes, StoredAdapter]:
         """(config bytes, weights bytes, meta) of a stored adapter."""

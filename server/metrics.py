@@ -20,7 +20,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from loramux.adapters_store.pool import TierUsage
+from loramux.adapters_store.residency import TierUsage
 from loramux.adapters_store.registry import AdapterRegistry
 
 P = "loramux:"

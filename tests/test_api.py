@@ -374,7 +374,8 @@ def test_bad_adapters_are_422(server, files):
     assert_serving(server)
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "../escape", "x" * 65, "", "sp ace", "é", ".tmp-x"])
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../escape", "x" * 65, "", "sp ace", "é", ".tmp-x",
+                                  "__pycache__", "_x", ".hidden", "-rf"])
 def test_bad_adapter_names_are_422(server, files, name):
     config, weights = _adapter_bytes(files)
     err = assert_error(upload(server.http, name, json.dumps(config).encode(), weights), 422, "name")
