@@ -15,7 +15,7 @@ import pytest
 from loramux.bench import load_test
 from loramux.bench.load_test import Arrivals, Length, Result, Workload, check_local, percentile
 from loramux.bench.popularity import adapter_weights
-from helpers.live_server import KEY, ROOT, Server
+from helpers.live_server import KEY, Server
 
 # ---------------------------------------------------------------------------
 # the workload generator (fast)
@@ -144,7 +144,7 @@ def test_load_test_counts_agree_with_server_metrics(tmp_path):
     try:
         before = server.metrics()
         out = tmp_path / "run.json"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = dict(os.environ)
         cmd = [sys.executable, "-m", "loramux.server", "bench", "--url", server.url, "--api-key", KEY,
                "--num-adapters", "3", "--upload", str(adapter), "--popularity", "zipf", "--rate", "4",
                "--num-requests", "8", "--prompt-len", "uniform:8:16", "--output-len", "uniform:2:5",

@@ -40,7 +40,7 @@ class Server:
                 "--adapter-dir", str(adapter_dir), "--port", str(self.port), "--api-key", KEY,
                 "--served-model-name", BASE, "--kv-cache-bytes", "8M", "--adapter-pool-bytes", "4M",
                 "--log-level", "warning", *extra]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = dict(os.environ)  # loramux is imported as installed (or through PYTHONPATH)
         env.pop("LORAMUX_API_KEY", None)
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
