@@ -16,6 +16,7 @@ there.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -56,10 +57,19 @@ class PageAllocator:
         self.num_free += len(pages)
 
 
+def triton_lora_path(device: torch.device | str) -> bool:
+    """Whether adapter deltas on `device` run through the Triton kernels: on
+    CUDA, or anywhere with LORAMUX_TRITON=1 (on a CPU under TRITON_INTERPRET,
+    how the tests check that path end to end); else the torch CPU path. The
+    one place this is decided: the pool's layout and dtype and the model's
+    LoRA backend (server/model/lora_backend.py) follow it."""
+    return torch.device(device).type == "cuda" or os.environ.get("LORAMUX_TRITON") == "1"
+
+
 def lora_pool_dtype(model) -> torch.dtype:
-    """float32 on a CPU (the CPU path computes adapter deltas in float32,
-    see kernels/cpu.py), the model's dtype on a GPU."""
-    return torch.float32 if model.device.type == "cpu" else model.dtype
+    """float32 for the CPU path (it computes adapter deltas in float32, see
+    kernels/cpu.py), the model's dtype for the Triton kernels."""
+    return model.dtype if triton_lora_path(model.device) else torch.float32
 
 
 def page_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_path: bool = False) -> int:
@@ -120,7 +130,7 @@ class DeviceLoraPool:
         self.cfg = cfg
         self.max_rank = max_rank
         self.num_slots = num_slots
-        self.cpu_path = torch.device(device).type == "cpu"
+        self.cpu_path = not triton_lora_path(device)
         self.page_bytes = page_bytes(cfg, dtype, self.cpu_path)
         self.num_pages = budget_bytes // self.page_bytes
         if self.num_pages < max_rank:

@@ -42,6 +42,7 @@ def lora_expand(
     h, b_pool, page_table, ranks, scales, seg: Segments, out, slice_offsets: Sequence[int], dora_scale=None
 ) -> None:
     # h: [n, T, R], b_pool: [P, out_total], out: [T, out_total] (in place); dora_scale: [slots, out_total]
+    # Columns of slices of rank 0 are not touched, by the delta or by dora_scale (kernels/reference.py).
     n = h.shape[0]
     for start, length, slot in seg.with_adapter():
         for s in range(n):
@@ -49,11 +50,10 @@ def lora_expand(
             if r:
                 lo, hi = slice_offsets[s], slice_offsets[s + 1]
                 b = b_pool[_pages(page_table, slot, r), lo:hi]  # [r, out_s]
-                out[start : start + length, lo:hi].addmm_(
-                    h[s, start : start + length, :r], b, alpha=float(scales[s, slot])
-                )
-        if dora_scale is not None:
-            out[start : start + length].mul_(dora_scale[slot].to(out.dtype))
+                rows = out[start : start + length, lo:hi]
+                rows.addmm_(h[s, start : start + length, :r], b, alpha=float(scales[s, slot]))
+                if dora_scale is not None:
+                    rows.mul_(dora_scale[slot, lo:hi].to(out.dtype))
 
 
 def apply_lora(x, out, work, dora=()) -> None:

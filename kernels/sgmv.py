@@ -211,8 +211,8 @@ def lora_shrink(x, a_pool, page_table, ranks, seg: Segments) -> torch.Tensor:
         raise ValueError(f"a_pool ({a_pool.dtype}, {a_pool.device}) must match x ({x.dtype}, {x.device})")
     if seg.num_tokens != x.shape[0]:
         raise ValueError(f"segments cover {seg.num_tokens} tokens, x has {x.shape[0]}")
+    _check_tables(page_table, ranks, a_pool.shape[0], x.device)
     n, max_rank = a_pool.shape[0], page_table.shape[1]
-    _check_tables(page_table, ranks, n, x.device)
 
     h = x.new_empty(n, x.shape[0], max_rank)
     longest = _longest_adapter_run(seg)
@@ -253,12 +253,12 @@ def lora_expand(
             or offs[-1] > min(out.shape[1], b_pool.shape[1]):
         raise ValueError(f"slice_offsets {offs} must be {n + 1} ascending columns of out and b_pool "
                          f"(n <= {MAX_SLICES})")
+    _check_tables(page_table, ranks, n, out.device)
     if h.shape[2] < page_table.shape[1] or seg.num_tokens != out.shape[0]:
         raise ValueError(f"h holds {h.shape[2]} rank columns for R={page_table.shape[1]}; "
                          f"segments cover {seg.num_tokens} tokens, out has {out.shape[0]}")
     if tuple(scales.shape) != tuple(ranks.shape) or not (h.device == b_pool.device == out.device == scales.device):
         raise ValueError("scales must be shaped like ranks, and all tensors on one device")
-    _check_tables(page_table, ranks, n, out.device)
     if dora_scale is not None and (dora_scale.dim() != 2 or dora_scale.shape[0] < page_table.shape[0]
                                    or dora_scale.shape[1] < offs[-1] or dora_scale.device != out.device):
         raise ValueError(f"dora_scale must be [{page_table.shape[0]}, >= {offs[-1]}] on the device of out, "

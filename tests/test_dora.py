@@ -9,7 +9,11 @@ from loramux.adapters_store.pool import AdapterPool
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
 from helpers.lora_paths import forbid_other_lora_path
-from helpers.tiny import VOCAB, build, make_adapter, make_dora_adapter, make_model, peft_model
+from helpers.tiny import TRITON_DEVICE, VOCAB, build, make_adapter, make_dora_adapter, make_model, peft_greedy, \
+    peft_model
+
+# The Triton path runs on CUDA where there is one, else under the interpreter on CPU tensors
+# (tests/conftest.py sets TRITON_INTERPRET only without CUDA): its tests put the model there.
 
 # (name, DoRA?, options): DoRA on every module, DoRA on q,v with a rank
 # pattern, rsLoRA DoRA, and plain LoRA adapters beside them
@@ -50,9 +54,11 @@ def test_dora_adapter_loads_with_magnitudes(dora_setup):
 def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
     kind, base_dir, paths = dora_setup
     monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
-    cfg, model, kv = build(base_dir)
+    device = TRITON_DEVICE if path == "triton" else "cpu"
+    cfg, model, kv = build(base_dir, device=device)
     # DoRA's row scales are computed from the base weights when an adapter is written
-    pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight))
+    pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight,
+                                      device=device))
     runner = ModelRunner.for_pool(model, kv, pool.device)
     forbid_other_lora_path(monkeypatch, path)
     digests = {name: pool.add(load_peft_adapter(p, cfg, 64, name=name)) for name, p in paths.items()}
@@ -80,7 +86,7 @@ def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
         # delta added per group): up to 2.3e-4 apart on an AMD EPYC for the
         # qwen2 rows (1e-4 sufficed on Xeon); a wrong scale, row scale or a
         # missing row moves these logits by far more than 1e-3
-        torch.testing.assert_close(logits[k], want, atol=1e-3, rtol=1e-3,
+        torch.testing.assert_close(logits[k].cpu(), want, atol=1e-3, rtol=1e-3,
                                    msg=lambda m, name=name: f"row for {name} ({kind}, {path}): {m}")
 
 
@@ -98,12 +104,50 @@ def test_dora_greedy_decode_equals_peft(dora_setup):
     prompts = [torch.randint(3, VOCAB, (4 + i,), generator=gen).tolist() for i in range(len(names))]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), names)
     for name, prompt, out in zip(names, prompts, outs):
-        ref = peft_model(base_dir, paths[name] if name else None)
+        assert out.token_ids == peft_greedy(base_dir, paths[name] if name else None, prompt, 8), name
+
+
+@pytest.mark.parametrize("dora_setup", ["llama"], indirect=True)
+def test_dora_on_triton_prefill_tiles_equals_peft(dora_setup, monkeypatch):
+    """DoRA's epilogue on the expand's tl.dot tiles: a DoRA run of 18 tokens makes every launch
+    of the step use prefill tiles (kernels/sgmv.py _token_tile: an adapter run >= 16 tokens),
+    with a short DoRA run, a plain LoRA run and a base run in masked tiles beside it."""
+    from loramux.kernels import sgmv
+
+    kind, base_dir, paths = dora_setup
+    monkeypatch.setenv("LORAMUX_TRITON", "1")
+    cfg, model, kv = build(base_dir, device=TRITON_DEVICE)
+    pool = AdapterPool(DeviceLoraPool(cfg, 16 * 2**20, 4, 16, torch.float32, base_weights=model.base_weight,
+                                      device=TRITON_DEVICE))
+    runner = ModelRunner.for_pool(model, kv, pool.device)
+    forbid_other_lora_path(monkeypatch, "triton")
+    launches = []  # (tl.dot tiles?, DoRA epilogue on) of every expand
+    expand = sgmv.lora_expand
+
+    def recording_expand(h, b_pool, page_table, ranks, scales, seg, out, offsets, dora_scale=None):
+        launches.append((sgmv._token_tile(sgmv._longest_adapter_run(seg))[0], dora_scale is not None))
+        return expand(h, b_pool, page_table, ranks, scales, seg, out, offsets, dora_scale)
+
+    monkeypatch.setattr(sgmv, "lora_expand", recording_expand)
+    names = ["dora-r8", "dora-qv", "lora-r8"]
+    digests = {n: pool.add(load_peft_adapter(paths[n], cfg, 16, name=n)) for n in names}
+    by_digest = pool.make_resident(list(digests.values()))
+    rows = [("dora-r8", 18), ("dora-qv", 5), ("lora-r8", 6), (None, 4)]  # each adapter contiguous
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, VOCAB, (length,), generator=gen).tolist() for _, length in rows]
+    chunks, block = [], 0
+    for (name, length), prompt in zip(rows, prompts):
+        blocks = -(-length // 4)
+        chunks.append(SeqChunk(prompt, 0, list(range(block, block + blocks)),
+                               by_digest[digests[name]] if name else -1))
+        block += blocks
+    logits = runner.run(chunks)
+    assert launches and all(dot and dora for dot, dora in launches)
+    for k, ((name, _), prompt) in enumerate(zip(rows, prompts)):
         with torch.no_grad():
-            ids = torch.tensor([prompt])
-            want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, len(prompt):]
-        assert out.token_ids == want.tolist(), name
+            want = peft_model(base_dir, paths[name] if name else None)(torch.tensor([prompt])).logits[0, -1]
+        # float32, as in test_mixed_dora_lora_base_batch_equals_peft
+        torch.testing.assert_close(logits[k].cpu(), want, atol=1e-3, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_dora_needs_base_weights(dora_setup):
@@ -127,24 +171,45 @@ def test_folder_loader_reads_magnitudes_back(dora_setup):
         torch.testing.assert_close(back.modules[k].magnitude, ml.magnitude, atol=0, rtol=0)
 
 
+# decode: every segment under 16 tokens (Triton's broadcast-sum tiles); prefill: one of 17 (its tl.dot tiles)
+EXPAND_TOKENS = {
+    "decode": [2, 2, -1, 0, 0, 0, 3, -1, 1],
+    "prefill": [2] * 17 + [-1, -1, 0, 0, 0, 3, -1, 1, 1],
+}
+
+
+@pytest.mark.parametrize("dora_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("tokens", list(EXPAND_TOKENS))
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
-def test_expand_with_dora_scale_equals_reference(impl):
-    """The expand epilogue: adapter rows (and only written columns) times dora_scale[slot]."""
+def test_expand_with_dora_scale_equals_reference(impl, tokens, dora_dtype):
+    """The expand epilogue: adapter rows, in the columns of their slices of rank > 0 only, times
+    dora_scale[slot]. dora_scale is random in every column, rank-0 ones included, so an
+    implementation that scales a column its adapter does not adapt moves it; pages no slot owns
+    and h past a rank are NaN, so one that reads them shows NaN."""
     from loramux.kernels import cpu, make_segments, reference
 
     gen = torch.Generator().manual_seed(7)
     n, P, R, slots, offs = 3, 70, 16, 4, (0, 24, 32, 48)
-    token_slots = [2, 2, -1, 0, 0, 0, 3, -1, 1]
+    token_slots = EXPAND_TOKENS[tokens]
     seg = make_segments(token_slots)
     T = len(token_slots)
-    b_pool = torch.randn(P, offs[-1], generator=gen)
-    page_table = torch.randperm(P, generator=gen)[: slots * R].view(slots, R).int()
     ranks = torch.tensor([[4, 8, 16, 2], [4, 0, 16, 2], [4, 8, 0, 2]], dtype=torch.int32)
+    # each slot owns max-rank-over-slices pages at shuffled places; table entries past them -> poison page
+    pages = torch.randperm(P, generator=gen).tolist()
+    poison = pages.pop()
+    page_table = torch.full((slots, R), poison, dtype=torch.int32)
+    for slot, r in enumerate(ranks.max(dim=0).values.tolist()):
+        page_table[slot, :r] = torch.tensor([pages.pop() for _ in range(r)], dtype=torch.int32)
+    b_pool = torch.full((P, offs[-1]), float("nan"))
+    owned = page_table[page_table != poison].long()
+    b_pool[owned] = torch.randn(len(owned), offs[-1], generator=gen)
     scales = torch.rand(n, slots, generator=gen) + 0.5
-    dora = torch.ones(slots, offs[-1])
-    dora[0] = torch.rand(offs[-1], generator=gen) + 0.5
-    dora[2, : offs[2]] = torch.rand(offs[2], generator=gen) + 0.5  # slot 2's v slice has rank 0: scale 1
+    # bf16/fp16 scales are exact in float32, the dtype every path multiplies in
+    dora = (torch.rand(slots, offs[-1], generator=gen) + 0.5).to(dora_dtype)
     h = torch.randn(n, T, R, generator=gen)
+    for t, slot in enumerate(token_slots):  # expand must read h only below each slice's rank
+        for s in range(n):
+            h[s, t, (int(ranks[s, slot]) if slot >= 0 else 0):] = float("nan")
     base = torch.randn(T, offs[-1], generator=gen)
     want = base.clone()
     reference.lora_expand(h, b_pool, page_table, ranks, scales, seg, want, offs, dora)
@@ -154,6 +219,19 @@ def test_expand_with_dora_scale_equals_reference(impl):
     else:
         from loramux.kernels import sgmv
 
-        sgmv.lora_expand(h, b_pool, page_table, ranks, scales, seg, got, offs, dora)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
+        on = [t.to(dev) for t in (h, b_pool, page_table, ranks, scales, got, dora)]
+        sgmv.lora_expand(*on[:5], make_segments(token_slots, dev), on[5], offs, on[6])
+        got = on[5].cpu()
+    assert not got.isnan().any(), "read a page no slot owns, or h past a rank"
+    # float32 out: every path adds and scales in float32, differing only in summation order
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[[2, 7]], base[[2, 7]])  # base rows untouched
+    untouched = torch.ones(T, offs[-1], dtype=torch.bool)  # base rows, and columns of rank-0 slices
+    for t, slot in enumerate(token_slots):
+        for s in range(n):
+            if slot >= 0 and ranks[s, slot] > 0:
+                untouched[t, offs[s] : offs[s + 1]] = False
+    assert untouched[token_slots.index(1), offs[1] : offs[2]].all()  # slot 1's k and slot 2's v
+    assert untouched[token_slots.index(2), offs[2] : offs[3]].all()
+    assert torch.equal(got.view(torch.int32)[untouched], base.view(torch.int32)[untouched])
+    assert not torch.equal(got[~untouched], base[~untouched])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from itertools import accumulate
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ from loramux.server.model.lora_backend import CpuLoraBackend, TritonLoraBackend,
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
 from helpers.lora_paths import forbid_other_lora_path
-from helpers.tiny import VOCAB, build, hf_config, make_adapter, make_model, peft_model
+from helpers.tiny import TRITON_DEVICE, VOCAB, build, hf_config, make_adapter, make_model, peft_greedy, peft_model
+
+# The Triton path runs on CUDA where there is one, else under the interpreter on CPU tensors
+# (tests/conftest.py sets TRITON_INTERPRET only without CUDA): its tests put the model there.
 
 # (name, options) of the adapters in the mixed batch: ranks 4..64, rsLoRA,
 # rank/alpha patterns, a q,v-only adapter.
@@ -75,31 +79,69 @@ def mixed_setup(tmp_path_factory):
     (None, "cpu", CpuLoraBackend), ("0", "cpu", CpuLoraBackend), ("1", "cpu", TritonLoraBackend),
     ("0", "cuda", TritonLoraBackend), (None, "cuda", TritonLoraBackend),
 ])
-def test_lora_backend_is_chosen_from_device_and_env(env, device, want, monkeypatch):
+def test_lora_backend_is_chosen_from_device_and_env(env, device, want, mixed_setup, monkeypatch):
     # Triton on CUDA; LORAMUX_TRITON=1 forces it on any device (the kernels
-    # then run under TRITON_INTERPRET on a CPU); the torch path otherwise
+    # then run under TRITON_INTERPRET on a CPU); the torch path otherwise.
+    # Then the chosen backend applies an adapter: the kernels of the path its
+    # type names run (the other path's raise) and the delta equals the reference.
+    from loramux.kernels import cpu, make_segments, reference, sgmv
+
     if env is None:
         monkeypatch.delenv("LORAMUX_TRITON", raising=False)
     else:
         monkeypatch.setenv("LORAMUX_TRITON", env)
-    pool = DeviceLoraPool(ModelConfig.from_hf(hf_config()), 8 * 2**20, 2, 16, torch.float32)
-    assert type(select_lora_backend(pool, torch.device(device))) is want
+    base_dir, paths = mixed_setup
+    cfg = ModelConfig.from_hf(hf_config())
+    if (device == "cuda" and not torch.cuda.is_available()) or (want is TritonLoraBackend and device != TRITON_DEVICE):
+        # no CUDA here; or Triton on CPU tensors with CUDA present, so not under the interpreter
+        pool = DeviceLoraPool(cfg, 8 * 2**20, 2, 16, torch.float32)
+        assert type(select_lora_backend(pool, torch.device(device))) is want
+        return
+    pool = DeviceLoraPool(cfg, 8 * 2**20, 2, 16, torch.float32, device=device)
+    backend = select_lora_backend(pool, torch.device(device))
+    assert type(backend) is want
+    slot = pool.load(load_peft_adapter(paths["r4"], cfg, 16))
+    ran = []
+    for module, name in [(cpu, "apply_lora"), (sgmv, "lora_shrink"), (sgmv, "lora_expand")]:
+        def record(*args, _f=getattr(module, name), _name=f"{module.__name__}.{name}", **kwargs):
+            ran.append(_name)
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(module, name, record)
+    forbid_other_lora_path(monkeypatch, "triton" if want is TritonLoraBackend else "torch")
+
+    gen = torch.Generator().manual_seed(8)
+    seg = make_segments([-1, slot, slot, -1], device)
+    # the qkv group of layer 0: slices q, k, v (rows 0..2 of pool.ranks)
+    offsets = list(accumulate((cfg.module_shape(m)[0] for m in ("q_proj", "k_proj", "v_proj")), initial=0))
+    x = torch.randn(4, cfg.hidden_size, generator=gen).to(device)
+    base = torch.randn(4, offsets[-1], generator=gen).to(device)
+    got = base.clone()
+    backend.apply(x, got, 0, "qkv", backend.prepare(seg))
+    assert ran == (["loramux.kernels.sgmv.lora_shrink", "loramux.kernels.sgmv.lora_expand"]
+                   if want is TritonLoraBackend else ["loramux.kernels.cpu.apply_lora"])
+    ranks, scales = pool.ranks[0, :3], pool.scales[0, :3]
+    want_out = base.clone()
+    h = reference.lora_shrink(x, pool.a[0]["qkv"], pool.page_table, ranks, seg)
+    reference.lora_expand(h, pool.b[0]["qkv"], pool.page_table, ranks, scales, seg, want_out, offsets)
+    torch.testing.assert_close(got, want_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[[0, 3]], base[[0, 3]]) and not torch.equal(got[1:3], base[1:3])
 
 
-def _pool(cfg, paths, dtype=torch.float32):
+def _pool(cfg, paths, dtype=torch.float32, device="cpu"):
     """A pool holding the adapters of `paths`, and their digests by name."""
-    pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 16, 64, dtype))
+    pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 16, 64, dtype, device=device))
     return pool, {name: pool.add(load_peft_adapter(path, cfg, 64, name=name)) for name, path in paths.items()}
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
     # "triton": the model's LoRA ops run the Triton kernels (kernels/sgmv.py),
-    # under the interpreter on this CPU (tests/conftest.py)
+    # on CUDA, or under the interpreter on a CPU (tests/conftest.py)
     monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
     base_dir, paths = mixed_setup
-    cfg, model, kv = build(base_dir)
-    pool, digests = _pool(cfg, paths)
+    device = TRITON_DEVICE if path == "triton" else "cpu"
+    cfg, model, kv = build(base_dir, device=device)
+    pool, digests = _pool(cfg, paths, device=device)
     by_digest = pool.make_resident(list(digests.values()))
     slots = {n: by_digest[digests[n]] for n in paths}
     runner = ModelRunner.for_pool(model, kv, pool.device)
@@ -120,7 +162,7 @@ def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
         ref = peft_model(base_dir, paths[name] if name else None)
         with torch.no_grad():
             want = ref(torch.tensor([prompts[i]])).logits[0, -1]
-        torch.testing.assert_close(logits[k], want, atol=1e-4, rtol=1e-4, msg=f"row for {name}")
+        torch.testing.assert_close(logits[k].cpu(), want, atol=1e-4, rtol=1e-4, msg=f"row for {name}")
 
 
 def test_greedy_generation_mixed_batch_equals_peft(mixed_setup):
@@ -136,10 +178,53 @@ def test_greedy_generation_mixed_batch_equals_peft(mixed_setup):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     outs = llm.generate(prompts, params, names)
     for name, prompt, out in zip(names, prompts, outs):
-        ref = peft_model(base_dir, paths[name] if name else None)
-        with torch.no_grad():
-            ids = torch.tensor([prompt])  # explicit mask: token 0 is also the pad id
-            want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
-        assert out.token_ids == want.tolist(), f"adapter {name}"
+        assert out.token_ids == peft_greedy(base_dir, paths[name] if name else None, prompt, 24), f"adapter {name}"
         assert out.finish_reason == "length"
+
+
+@pytest.mark.slow  # ~15-20 s: the Triton interpreter on CPU
+def test_triton_greedy_decode_mixed_batch_equals_peft(mixed_setup, monkeypatch):
+    """Decode steps (one token per sequence, Triton's broadcast-sum tiles) through the engine on
+    the Triton path, LoRA and base rows mixed, against transformers + PEFT greedy decoding."""
+    from loramux.kernels import sgmv
+    from loramux.server import LLM
+    from loramux.server.engine.sampling import SamplingParams
+
+    base_dir, paths = mixed_setup
+    monkeypatch.setenv("LORAMUX_TRITON", "1")
+    # the interpreter's cost grows with the grid (slices x rank blocks of 16 x segments): three
+    # adapters, a pool of rank 16 at most, a few tokens
+    names = ["r16-rs", None, "r4", "r8-qv"]
+    llm = LLM(model=str(base_dir), dtype="float32", device=TRITON_DEVICE, adapters={n: paths[n] for n in names if n},
+              block_size=4, kv_cache_bytes=4 * 2**20, adapter_pool_bytes=16 * 2**20, max_lora_rank=16)
+    forbid_other_lora_path(monkeypatch, "triton")
+    tiles = []  # (longest adapter run, tl.dot tiles?) of every Triton launch
+    tile = sgmv._token_tile
+    monkeypatch.setattr(sgmv, "_token_tile", lambda n: tiles.append((n, tile(n)[0])) or tile(n))
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, VOCAB, (3 + i,), generator=gen).tolist() for i in range(len(names))]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True), names)
+    assert (1, False) in tiles, "no decode step ran through the Triton kernels' decode tiles"
+    for name, prompt, out in zip(names, prompts, outs):
+        assert out.token_ids == peft_greedy(base_dir, paths[name] if name else None, prompt, 3), f"adapter {name}"
+
+
+@pytest.mark.parametrize("triton", ["0", "1"])
+def test_the_pool_layout_and_dtype_follow_the_backend_choice(mixed_setup, monkeypatch, triton):
+    """A bf16 model on a CPU: the torch path keeps the pool in float32 (its math is float32), the
+    Triton kernels (LORAMUX_TRITON=1) need it in the model's dtype. Both follow one decision
+    (device_pool.triton_lora_path); a pool in float32 under Triton once failed every adapter request."""
+    from loramux.server import LLM
+    from loramux.server.engine.sampling import SamplingParams
+
+    base_dir, paths = mixed_setup
+    monkeypatch.setenv("LORAMUX_TRITON", triton)
+    llm = LLM(model=str(base_dir), dtype="bfloat16", device=TRITON_DEVICE if triton == "1" else "cpu",
+              adapters={"r4": paths["r4"]}, block_size=4, kv_cache_bytes=4 * 2**20,
+              adapter_pool_bytes=16 * 2**20, max_lora_rank=16)
+    pool, backend = llm.engine.adapters.device, llm.engine.runner.lora
+    assert type(backend) is (TritonLoraBackend if triton == "1" else CpuLoraBackend)
+    assert pool.a[0]["qkv"].dtype == (torch.bfloat16 if triton == "1" else torch.float32)
+    assert pool.cpu_path == (triton == "0")
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True), ["r4"])[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 2

@@ -23,14 +23,13 @@ differ in the views of it they use:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Protocol
 
 import torch
 
-from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool, triton_lora_path
 from loramux.kernels import NO_ADAPTER, Segments, cpu
 from loramux.server.config import LORA_GROUPS, LORA_MODULES
 
@@ -62,7 +61,7 @@ def select_lora_backend(pool: DeviceLoraPool, device: torch.device | str) -> Lor
     or on any device with LORAMUX_TRITON=1 (with TRITON_INTERPRET=1 the
     kernels then run on a CPU; the tests use it to check the model end to end
     on the Triton path); the torch path otherwise."""
-    if torch.device(device).type == "cuda" or os.environ.get("LORAMUX_TRITON") == "1":
+    if triton_lora_path(device):
         return TritonLoraBackend(pool)
     return CpuLoraBackend(pool)
 

@@ -73,8 +73,23 @@ def peft_model(base_dir: Path, adapter_dir: Path | None):
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
-def build(model_dir: Path, dtype=torch.float32, num_blocks: int = 128, block_size: int = 4):
-    """loramux's model over the checkpoint in model_dir: (ModelConfig, LlamaModel, KVCache)."""
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers (+ PEFT) greedy tokens after `prompt`, float32, EOS ignored."""
+    ref = peft_model(base_dir, adapter_dir)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])  # explicit mask: token 0 is also the pad id
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+# Where a test of the Triton path (LORAMUX_TRITON=1) puts its tensors: the GPU
+# when there is one, else the CPU under Triton's interpreter (tests/conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(model_dir: Path, dtype=torch.float32, num_blocks: int = 128, block_size: int = 4, device: str = "cpu"):
+    """loramux's model over the checkpoint in model_dir, on `device`: (ModelConfig, LlamaModel, KVCache)."""
     from transformers import AutoConfig
 
     from loramux.server.config import ModelConfig
@@ -83,5 +98,5 @@ def build(model_dir: Path, dtype=torch.float32, num_blocks: int = 128, block_siz
     from loramux.server.model.kv_tensors import KVCache
 
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
-    model = LlamaModel(cfg, load_safetensors_weights(model_dir), dtype)
-    return cfg, model, KVCache(cfg, num_blocks, block_size, dtype)
+    model = LlamaModel(cfg, load_safetensors_weights(model_dir), dtype, device)
+    return cfg, model, KVCache(cfg, num_blocks, block_size, dtype, device)
