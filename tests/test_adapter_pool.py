@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -230,6 +230,27 @@ def test_prefetch_loads_waiting_adapters_and_counts_hits():
     pool.check_consistent()
 
 
+def test_prefetch_never_evicts_a_pinned_adapter_the_step_did_not_touch():
+    """a0 is in use by a running request that this step does not compute, so
+    it is the least recently used; the worker makes room for two waiting
+    adapters by evicting a1 and a2, never a0, whose slot keeps its weights."""
+    pool = AdapterPool(device(32, slots=4), prefetch=True)
+    ads = [synth(CFG, f"q{i}", 8, i) for i in range(6)]
+    for a in ads:
+        pool.add(disk_source(a))
+    d = [a.digest for a in ads]
+    slots = {k: pool.make_resident([k])[k] for k in d[:4]}  # full: 32 pages, 4 slots; LRU a0 .. a3
+    in_use = frozenset({d[0], d[3]})
+    pool.make_resident([d[3]], in_use)
+    pool.prefetch([d[4], d[5]], in_use)
+    assert pool.wait_idle()
+    assert set(pool.resident()) == {d[0], d[3], d[4], d[5]}
+    assert_holds(pool, slots[d[0]], ads[0])
+    assert_holds(pool, slots[d[3]], ads[3])
+    pool.close()
+    pool.check_consistent()
+
+
 def test_step_and_worker_race_keeps_pages_intact():
     """The engine thread serves random batches while the worker prefetches
     others: every slot a step gets holds its adapter's weights."""
@@ -292,8 +313,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.detach(self.names.pop(name))
 
     @precondition(lambda self: self.held)
-    @rule(data=st.data())
-    def step(self, data):
+    @rule(data=st.data(), settle=st.booleans())
+    def step(self, data, settle):
+        # running: adapters of running requests (pinned); batch: those this step computes
         running = frozenset(data.draw(st.lists(st.sampled_from(self.held), max_size=3)))
         batch = frozenset(data.draw(st.lists(st.sampled_from(sorted(running)), max_size=3))) if running else frozenset()
         if not self.pool.fits(batch | running):
@@ -301,12 +323,21 @@ class PoolMachine(RuleBasedStateMachine):
         slots = self.pool.make_resident(sorted(batch), running)
         for d, slot in slots.items():
             assert_holds(self.pool, slot, self.adapters[d])
+        pinned = {d for d in running if self.pool.is_resident(d)}
+        assert set(slots) <= pinned
         waiting = [d for d in self.held if d not in running]
         self.pool.prefetch(waiting, running)
-        for d in running:  # pinned: still there while the worker runs
-            assert self.pool.is_resident(d) or d not in batch
+        self.check_pinned(pinned, slots)  # while the worker loads the waiting ones
+        if settle:
+            assert self.pool.wait_idle()
+            self.check_pinned(pinned, slots)  # and once it is done
+
+    def check_pinned(self, pinned: set[str], slots: dict[str, int]) -> None:
+        """Adapters in use stay resident, and the step's slots hold their weights."""
+        for d in pinned:
+            assert self.pool.is_resident(d), "the prefetch worker evicted an adapter in use"
         for d, slot in slots.items():
-            assert self.pool.is_resident(d)
+            assert_holds(self.pool, slot, self.adapters[d])
 
     @invariant()
     def consistent(self):
@@ -326,8 +357,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert not self.pool.resident() and not self.pool.tier_usage()["disk"].adapters
 
 
-PoolMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
-                                         suppress_health_check=list(HealthCheck))
+PoolMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
 test_pool_state_machine = PoolMachine.TestCase
 
 
@@ -360,9 +390,8 @@ def _engine(root, cfg, adapters, pool_bytes, from_disk, **options):
     from loramux.server.model.llama import LlamaModel
 
     model = LlamaModel(cfg, load_safetensors_weights(root / "base"), DTYPES["float32"])
-    options = {"max_num_seqs": 32, **options}
-    config = EngineConfig(block_size=4, kv_cache_bytes=4 * 2**20, max_lora_rank=16,
-                          adapter_pool_bytes=pool_bytes, **options)
+    options = {"max_num_seqs": 32, "kv_cache_bytes": 4 * 2**20, **options}
+    config = EngineConfig(block_size=4, max_lora_rank=16, adapter_pool_bytes=pool_bytes, **options)
     engine = Engine(model, None, config)
     for a in adapters:
         engine.adapters.add(AdapterSource.from_folder(root / a.name, a, cfg, 16) if from_disk else a)
@@ -399,28 +428,138 @@ def test_200_adapters_through_8_resident_equal_all_resident(many):
     pool.check_consistent()
 
 
-def test_abort_and_finish_release_their_adapters(many):
+def _page_bytes(cfg) -> int:
+    return DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
+
+
+def _serve(engine, requests, on_step=None) -> dict[str, list[int]]:
+    """Step `requests` (prompt, params, digest) to completion; tokens by request id."""
+    ids = [engine.add_request(p, params, d) for p, params, d in requests]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.error is None, o.error
+            tokens[o.request_id].extend(o.token_ids)
+        if on_step is not None:
+            on_step(engine)
+    return [tokens[i] for i in ids]
+
+
+def test_kv_preemption_and_adapter_eviction_together(many):
+    """A KV cache of 80 tokens and a device pool of about 8 adapters: requests
+    are preempted, their adapters evicted while they wait, and reloaded when
+    they come back; every output equals an unconstrained engine's."""
     from loramux.server.engine.sampling import SamplingParams
 
     root, cfg, adapters = many
-    page = DeviceLoraPool(cfg, 10**9, 1, 16, torch.float32).page_bytes
-    engine = _engine(root, cfg, adapters[:20], page * 64, True, max_num_seqs=4)
-    ids = [engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), adapters[i].digest)
-           for i in range(12)]
-    engine.step()
-    engine.step()
+    adapters = adapters[:30]
+    rng = random.Random(3)
+    requests = [([rng.randrange(3, 128) for _ in range(rng.randint(4, 20))],
+                 SamplingParams(max_tokens=rng.randint(4, 10), ignore_eos=True), rng.choice(adapters).digest)
+                for _ in range(40)]
+    page = _page_bytes(cfg)
+    full = _engine(root, cfg, adapters, page * sum(a.rank for a in adapters), False, max_adapter_slots=64)
+    want = _serve(full, requests)
+    assert full.num_preemptions == 0 and full.adapters.tier_usage()["device"].evictions == 0
+    # no prefetch worker: which adapters are resident after each step is deterministic
+    small = _engine(root, cfg, adapters, page * 8 * 8, True, kv_cache_bytes=40 * 1024, max_num_batched_tokens=32,
+                    adapter_prefetch=False)
+    assert small.allocator.num_blocks * small.allocator.block_size == 80
+    evicted_while_preempted = set()
+
+    def watch(engine):
+        for r in engine.scheduler.waiting:
+            if r.num_preemptions and not engine.adapters.is_resident(r.adapter_digest):
+                evicted_while_preempted.add(r.request_id)
+
+    assert _serve(small, requests, watch) == want
+    assert small.num_preemptions > 0 and small.adapters.tier_usage()["device"].evictions > 0
+    assert evicted_while_preempted, "no preempted request lost its adapter while it waited"
+    assert small.allocator.num_free == small.allocator.num_blocks and small.adapters.total_refs() == 0
+    small.adapters.wait_idle()
+    small.adapters.check_consistent()
+
+
+def test_host_tier_in_the_engine_serves_device_loads_from_memory(many):
+    """adapter_host_bytes on a CPU: adapters read from disk stay in the host
+    tier and the device loads after eviction come from there (counted as
+    host prefetch hits, fewer disk reads); outputs unchanged."""
+    from loramux.server.engine.sampling import SamplingParams
+
+    root, cfg, adapters = many
+    adapters = adapters[:24]
+    rng = random.Random(4)
+    picks = choose("zipf", len(adapters), 120, rng)
+    requests = [([rng.randrange(3, 128) for _ in range(rng.randint(2, 6))],
+                 SamplingParams(max_tokens=3, ignore_eos=True), adapters[k].digest) for k in picks]
+    page = _page_bytes(cfg)
+    full = _engine(root, cfg, adapters, page * sum(a.rank for a in adapters), False, max_adapter_slots=64)
+    want = _serve(full, requests)
+    host_bytes = sum(a.nbytes for a in adapters)
+    small = _engine(root, cfg, adapters, page * 8 * 8, True, adapter_host_bytes=host_bytes)
+    assert small.adapters.host.budget == host_bytes
+    assert _serve(small, requests) == want
+    usage = small.adapters.tier_usage()
+    assert usage["device"].evictions > 0
+    assert usage["host"].loads == usage["disk"].loads > 0  # every disk read kept in memory
+    assert usage["host"].prefetch_hits > 0
+    assert usage["disk"].loads <= len(set(picks)) < usage["device"].loads
+    assert set(usage["host"].adapters) == {adapters[k].digest for k in set(picks)}
+    small.adapters.wait_idle()
+    small.adapters.check_consistent()
+
+
+def test_abort_and_finish_release_their_adapters(many, tmp_path):
+    """Aborted requests (one running, one waiting) produce nothing after the
+    abort; a request whose adapter's registration goes (and its folder with
+    it) finishes with the weights it was admitted with: every other output
+    equals a fresh engine's; every reference and pin is given back."""
+    import shutil
+
+    from loramux.server.engine.sampling import SamplingParams
+
+    root, cfg, adapters = many
+    adapters = adapters[:20]
+    page = _page_bytes(cfg)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    requests = [([5, 6, 7 + i], params, adapters[i].digest) for i in range(12)]
+    want = _serve(_engine(root, cfg, adapters, page * 64, False), requests)
+    # adapter 11 from a copy of its folder, deleted right after its registration
+    # goes; no prefetch, so it is on no tier but the disk until then
+    k = 11
+    engine = _engine(root, cfg, adapters[:k] + adapters[k + 1:], page * 64, True, max_num_seqs=4,
+                     adapter_prefetch=False)
+    folder = shutil.copytree(root / adapters[k].name, tmp_path / "copy")
+    engine.adapters.add(AdapterSource.from_folder(folder, adapters[k], cfg, 16))
+    ids = [engine.add_request(p, s, d) for p, s, d in requests]
+    results: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(2):
+        for o in engine.step():
+            results[o.request_id].extend(o.token_ids)
     running = [r.request_id for r in engine.scheduler.running]
     waiting = [r.request_id for r in engine.scheduler.waiting]
-    assert running and waiting
-    engine.abort(running[0])
-    engine.abort(waiting[0])
-    engine.adapters.detach(adapters[3].digest)  # its registration goes; held by a queued request: still served
-    engine.run_to_completion()
+    assert running and waiting and ids[k] in waiting[1:]
+    assert not engine.adapters.is_resident(adapters[k].digest)
+    aborted = {running[0], waiting[0]}
+    for rid in aborted:
+        assert engine.abort(rid)
+    engine.adapters.detach(adapters[k].digest)  # held by request k: its weights are read into memory now
+    shutil.rmtree(folder)
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id not in aborted, "an aborted request produced output"
+            assert o.error is None, o.error
+            results[o.request_id].extend(o.token_ids)
+    for i, rid in enumerate(ids):
+        if rid in aborted:
+            assert len(results[rid]) < params.max_tokens
+        else:
+            assert results[rid] == want[i], i
     pool = engine.adapters
-    assert all(pool.refs(a.digest) == 0 for a in adapters[:20])
+    assert all(pool.refs(a.digest) == 0 for a in adapters)
+    assert not engine.abort(ids[0]) and engine.allocator.num_free == engine.allocator.num_blocks
     engine.step()  # nothing left: the pins of the last step go
     assert pool.pinned() == frozenset()
-    assert adapters[3].digest not in pool.tier_usage()["disk"].adapters
-    assert len(ids) == 12
+    assert adapters[k].digest not in pool and adapters[k].digest not in pool.tier_usage()["disk"].adapters
     pool.wait_idle()
     pool.check_consistent()

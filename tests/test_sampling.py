@@ -4,6 +4,7 @@ logits. Imports only torch and loramux.server.engine.sampling, so bench/gpu_chec
 it on a lent CUDA machine (where a CPU generator with CUDA logits raises)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,48 @@ def test_filter_matches_a_plain_reference():
                 nucleus.add(i)
                 mass += float(probs[i])
         assert set(torch.nonzero(got).flatten().tolist()) == nucleus, (top_k, top_p)
+
+
+def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> dict[int, float]:
+    """The distribution a row samples from, in float64 numpy: softmax of
+    logits / temperature over the top_k tokens, then the smallest set of the
+    most likely tokens whose mass reaches top_p (the first always kept),
+    renormalized. token -> probability, only the tokens that can come."""
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    if 0 < top_k < len(z):
+        order = order[:top_k]
+    p = np.exp(z[order] - z[order].max())
+    p /= p.sum()
+    before = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # mass of the more likely tokens
+    n = int((before < top_p).sum()) if top_p < 1.0 else len(order)
+    kept = p[:max(n, 1)] / p[:max(n, 1)].sum()
+    return {int(t): float(q) for t, q in zip(order, kept)}
+
+
+FILTERS = [(1.0, 5, 1.0), (1.0, 0, 0.5), (0.7, 7, 0.3), (1.3, 40, 0.99), (1.0, 100, 1.0), (0.5, 1, 1.0),
+           (1.0, 3, 0.9), (2.0, 0, 0.8), (1.0, 49, 0.999)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", FILTERS)
+def test_top_k_top_p_distribution_matches_a_numpy_reference(temperature, top_k, top_p):
+    """The filtered distribution: which tokens keep a nonzero probability, and
+    their renormalized probabilities; then the sampler's draws, which are
+    torch.multinomial of that distribution with the request's seed."""
+    vocab = 50
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(top_k * 31 + int(top_p * 100)))
+    want = reference_probs(row.numpy(), temperature, top_k, top_p)
+    got = _filter(row / temperature, top_k, top_p).softmax(-1)
+    assert set(torch.nonzero(got).flatten().tolist()) == set(want)
+    torch.testing.assert_close(got[list(want)].double(), torch.tensor(list(want.values()), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
+    dense = torch.zeros(vocab)
+    dense[list(want)] = torch.tensor(list(want.values()), dtype=torch.float32)
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) for seed in range(64)]
+    drawn = [s.token for s in sample(row.repeat(64, 1), params, states(params, "cpu"))]
+    expected = [int(torch.multinomial(dense, 1, generator=torch.Generator().manual_seed(seed))) for seed in range(64)]
+    assert drawn == expected
+    assert set(drawn) <= set(want)
 
 
 def test_min_tokens_suppression_masks_only_its_row():

@@ -309,6 +309,65 @@ def test_newest_request_waits_instead_of_preempting_older_or_itself():
     assert r0.status is r1.status is RequestStatus.FINISHED_LENGTH
 
 
+def _preempt_second_of_two(ready: set, max_wait_steps=100):
+    """Rule 4's setting: `old` (adapter "x", not ready) arrives first, so the
+    base-model r0 and r1 (rank c) are admitted ahead of it; then r0 needs a
+    block and preempts r1. Returns (s, old, r0, r1) right after that step,
+    with one free sequence slot and room for either to start again."""
+    s, _ = make(num_blocks=4, max_num_seqs=2, max_num_batched_tokens=5, max_wait_steps=max_wait_steps,
+                adapter_ready=lambda a: a in ready)
+    old, r0, r1 = req("old", 2, adapter="x", max_tokens=2), req(0, 6, max_tokens=8), req(1, 6, max_tokens=8)
+    for r in (old, r0, r1):
+        s.add(r)
+    for _ in range(20):
+        out = step(s)
+        assert old.status is RequestStatus.WAITING
+        if out.preempted:
+            break
+    assert out.preempted == [r1] and r0.status is RequestStatus.RUNNING
+    return s, old, r0, r1
+
+
+def test_preempted_requests_are_admitted_before_ready_adapter_requests():
+    ready: set = set()
+    s, old, r0, r1 = _preempt_second_of_two(ready)
+    ready.add("x")  # the waiting request's adapter is resident now (rank c), and it arrived before r1
+    out = step(s)
+    assert chunk_of(out, r1) is not None and old.status is RequestStatus.WAITING
+    assert r1.status is RequestStatus.RUNNING and old.waited_steps > 0
+    run_all(s)
+    assert r1.output_ids == list(range(100, 108)) and old.output_ids == [100, 101]
+
+
+def test_a_preempted_request_whose_adapter_was_evicted_comes_back_first():
+    """r1 runs with adapter "y"; preempted, "y" is evicted while it waits
+    (adapter_ready turns False): it still comes back before the older request
+    whose adapter is ready, and is recomputed from token 0, outputs kept."""
+    ready = {"y"}
+    s, _ = make(num_blocks=4, max_num_seqs=2, max_num_batched_tokens=5, max_wait_steps=100,
+                adapter_ready=lambda a: a in ready)
+    old, r0, r1 = req("old", 2, adapter="x", max_tokens=2), req(0, 6, max_tokens=8), req(1, 6, adapter="y",
+                                                                                       max_tokens=8)
+    for r in (old, r0, r1):
+        s.add(r)
+    for _ in range(20):
+        out = step(s)
+        if out.preempted:
+            break
+    assert out.preempted == [r1] and old.status is RequestStatus.WAITING
+    kept = list(r1.output_ids)
+    assert kept and r1.num_computed_tokens == 0
+    ready.discard("y")  # evicted while r1 waits
+    ready.add("x")
+    out = step(s)
+    c = chunk_of(out, r1)
+    assert c is not None and c.start == 0 and old.status is RequestStatus.WAITING
+    assert c.token_ids == r1.all_ids[:c.num_tokens] and r1.output_ids == kept
+    assert "y" in out.adapter_digests
+    run_all(s)
+    assert r1.output_ids == list(range(100, 108)) and old.output_ids == [100, 101]
+
+
 def test_no_admission_in_a_step_that_preempts():
     s, _ = make(num_blocks=4)
     r0, r1 = req(0, 6, max_tokens=8), req(1, 6, max_tokens=8)
