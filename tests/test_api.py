@@ -3,8 +3,10 @@ driven by the official openai client and httpx, on a tiny random Llama that
 speaks through the default model's tokenizer and chat template."""
 from __future__ import annotations
 
+import asyncio
+import io
 import json
-import signal
+import tarfile
 import socket
 import struct
 import threading
@@ -129,29 +131,122 @@ def test_prompt_forms_and_n(server, offline):
         assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
     single = server.openai.completions.create(model=BASE, prompt=ids[0], max_tokens=4, temperature=0)
     assert single.choices[0].text == want[0]
+    # choice k of each prompt samples with seed 5 + k: what a single request with that seed makes
     many = server.openai.completions.create(model=BASE, prompt=["a b", "c d"], n=3, max_tokens=4,
-                                            temperature=1.0, seed=5)
-    assert sorted(c.index for c in many.choices) == list(range(6))
-    assert many.usage.completion_tokens == 24
+                                            temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    texts = {c.index: c.text for c in many.choices}
+    assert sorted(texts) == list(range(6)) and many.usage.completion_tokens == 24
+    for p, prompt in enumerate(["a b", "c d"]):
+        choices = [texts[3 * p + k] for k in range(3)]
+        assert len(set(choices)) == 3, choices
+        for k in range(3):
+            one = server.openai.completions.create(model=BASE, prompt=prompt, max_tokens=4, temperature=1.0,
+                                                   seed=5 + k, extra_body={"ignore_eos": True})
+            assert one.choices[0].text == choices[k], (p, k)
     chat = server.openai.chat.completions.create(model=BASE, messages=CHAT, n=2, max_tokens=3, seed=3)
-    assert len(chat.choices) == 2
+    replies = [c.message.content for c in sorted(chat.choices, key=lambda c: c.index)]
+    assert len(replies) == 2 and replies[0] != replies[1]
+    for k in range(2):
+        one = server.openai.chat.completions.create(model=BASE, messages=CHAT, max_tokens=3, seed=3 + k)
+        assert one.choices[0].message.content == replies[k]
 
 
-def test_sampling_extensions_and_logprobs(server):
-    r = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
-                                         extra_body={"top_k": 5, "min_tokens": 6, "ignore_eos": True})
+def test_top_k_samples_only_among_the_k_most_likely(server, offline):
+    from loramux.server.engine.sampling import SamplingParams
+
+    # temperature 2 flattens the random model's distribution: without top_k, almost no
+    # sampled token would be among the 5 most likely
+    r = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=12, temperature=2.0, seed=7,
+                                         logprobs=5, extra_body={"top_k": 5, "ignore_eos": True})
     lp = r.choices[0].logprobs
-    assert r.usage.completion_tokens == 6 and len(lp.tokens) == 6 and len(lp.token_logprobs) == 6
-    assert all(len(t) <= 2 for t in lp.top_logprobs) and "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.tokens) == 12 and all(token in top for token, top in zip(lp.tokens, lp.top_logprobs))
+    want = offline.generate([PROMPT], SamplingParams(max_tokens=12, temperature=2.0, seed=7, top_k=5,
+                                                     ignore_eos=True, logprobs=5))[0]
+    assert all(token in [t for t, _ in top] for token, _, top in want.logprobs)
+    assert r.choices[0].text == want.text
+
+
+def test_min_tokens_holds_back_the_stop_tokens(server, offline):
+    from loramux.server.engine.sampling import SamplingParams
+
+    free = offline.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    assert free[1] != free[0]
+    body = {"model": BASE, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stop_token_ids": [free[1]]}
+    early = server.http.post("/v1/completions", json=body).json()
+    assert early["choices"][0]["finish_reason"] == "stop" and early["usage"]["completion_tokens"] <= 2
+    held = server.http.post("/v1/completions", json={**body, "min_tokens": 6}).json()
+    want = offline.generate([PROMPT], SamplingParams(max_tokens=8, stop_token_ids=(free[1],), min_tokens=6))[0]
+    assert held["usage"]["completion_tokens"] == len(want.token_ids) >= 6
+    assert held["choices"][0]["text"] == want.text and free[1] not in want.token_ids[:6]
+
+
+def test_logprobs_equal_the_offline_llm(server, offline):
+    from loramux.server.engine.sampling import SamplingParams
+
+    def text(token):
+        return offline.tokenizer.decode([token])
+
+    r = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
+                                         extra_body={"ignore_eos": True})
+    want = offline.generate([PROMPT], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2))[0]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [text(t) for t, _, _ in want.logprobs] and "".join(lp.tokens) == r.choices[0].text
+    assert lp.token_logprobs == pytest.approx([v for _, v, _ in want.logprobs], abs=1e-5)
+    assert lp.top_logprobs == [pytest.approx({text(t): v for t, v in top}, abs=1e-5) for _, _, top in want.logprobs]
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
     c = server.openai.chat.completions.create(model=BASE, messages=CHAT, max_tokens=4, temperature=0,
                                               logprobs=True, top_logprobs=3)
+    want = offline.chat([CHAT], SamplingParams(max_tokens=4, logprobs=3))[0]
     content = c.choices[0].logprobs.content
-    assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
-    stopped = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=30, temperature=0,
-                                               extra_body={"ignore_eos": True})
-    stop = stopped.choices[0].text[3:6]
-    s = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop])
-    assert stop not in s.choices[0].text and s.choices[0].finish_reason == "stop"
+    assert len(content) == len(want.logprobs) == 4
+    for got, (token, logprob, top) in zip(content, want.logprobs):
+        assert got.token == text(token) and got.logprob == pytest.approx(logprob, abs=1e-5)
+        assert [t.token for t in got.top_logprobs] == [text(t) for t, _ in top]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-5)
+        assert got.top_logprobs[0].logprob >= got.logprob  # greedy: the most likely token
+
+
+def test_stop_string_truncates_the_text_before_it(server):
+    full = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=30, temperature=0,
+                                            extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[3:6]
+    s = server.openai.completions.create(model=BASE, prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop],
+                                         extra_body={"ignore_eos": True})
+    assert s.choices[0].text == full[:full.index(stop)] and s.choices[0].finish_reason == "stop"
+
+
+def test_streamed_choices_and_logprobs_reassemble_to_the_non_streamed(server, adapters):
+    opts = dict(model="a1", prompt=PROMPT, n=3, max_tokens=6, temperature=0.9, seed=21, logprobs=2,
+                extra_body={"ignore_eos": True})
+    whole = server.openai.completions.create(**opts)
+    text, tokens, logprobs, tops = {}, {}, {}, {}
+    for chunk in server.openai.completions.create(stream=True, **opts):
+        for c in chunk.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            if c.logprobs is not None:
+                tokens.setdefault(c.index, []).extend(c.logprobs.tokens)
+                logprobs.setdefault(c.index, []).extend(c.logprobs.token_logprobs)
+                tops.setdefault(c.index, []).extend(c.logprobs.top_logprobs)
+    assert sorted(text) == [0, 1, 2] and len(set(text.values())) == 3
+    for c in whole.choices:
+        assert text[c.index] == c.text
+        assert tokens[c.index] == c.logprobs.tokens and logprobs[c.index] == c.logprobs.token_logprobs
+        assert tops[c.index] == c.logprobs.top_logprobs
+
+    chat = dict(model="a2", messages=CHAT, n=2, max_tokens=5, temperature=0.9, seed=4, logprobs=True,
+                top_logprobs=2)
+    whole = server.openai.chat.completions.create(**chat)
+    content, entries = {}, {}
+    for chunk in server.openai.chat.completions.create(stream=True, **chat):
+        for c in chunk.choices:
+            content[c.index] = content.get(c.index, "") + (c.delta.content or "")
+            if c.logprobs is not None:
+                entries.setdefault(c.index, []).extend(c.logprobs.content)
+    assert sorted(content) == [0, 1]
+    for c in whole.choices:
+        assert content[c.index] == c.message.content
+        assert [e.model_dump() for e in entries[c.index]] == [e.model_dump() for e in c.logprobs.content]
 
 
 def test_models_lists_base_and_adapters(server, adapters):
@@ -166,7 +261,7 @@ def test_models_lists_base_and_adapters(server, adapters):
 # adapter management
 # ---------------------------------------------------------------------------
 
-def test_upload_list_use_delete(server, files):
+def test_upload_list_use_delete(server, adapters, files):
     folder = files / "allowed" / "a1"
     r = upload_dir(server.http, "temp-1", folder)
     assert r.status_code == 201
@@ -178,12 +273,65 @@ def test_upload_list_use_delete(server, files):
     assert "temp-1" in [a["name"] for a in server.http.get("/v1/adapters").json()["data"]]
     assert server.http.get("/v1/adapters/temp-1").json()["sha256"] == info["sha256"]
     out = server.openai.completions.create(model="temp-1", prompt=PROMPT, max_tokens=4, temperature=0)
-    assert out.choices[0].text
+    want = server.openai.completions.create(model="a1", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert out.choices[0].text == want.choices[0].text  # a1's files under another name
     assert server.http.delete("/v1/adapters/temp-1").status_code == 200
     assert not (files / "store" / "temp-1").exists()
     assert_error(server.http.get("/v1/adapters/temp-1"), 404)
     assert_error(server.http.post("/v1/completions", json={"model": "temp-1", "prompt": "x"}), 404, "model")
     assert_error(server.http.delete("/v1/adapters/temp-1"), 404)
+    assert_serving(server)
+
+
+def test_uploaded_dora_adapter_equals_offline_llm(server, files, offline):
+    from helpers.tiny import make_dora_adapter
+
+    folder = make_dora_adapter(files / "base", files / "dora-src" / "d1", r=4, alpha=8, seed=3,
+                               target_modules=("q_proj", "v_proj", "down_proj"))
+    r = upload_dir(server.http, "d1", folder)
+    assert r.status_code == 201, r.text
+    offline.register_adapter("d1", folder)
+    got = server.openai.completions.create(model="d1", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1,
+                                           extra_body={"ignore_eos": True})
+    from loramux.server.engine.sampling import SamplingParams
+
+    want = offline.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True, logprobs=1), ["d1"])[0]
+    assert got.choices[0].text == want.text
+    assert got.choices[0].logprobs.token_logprobs == pytest.approx([v for _, v, _ in want.logprobs], abs=1e-4)
+    base = offline.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert want.text != base.text  # the DoRA adapter changes the output
+    assert server.http.delete("/v1/adapters/d1").status_code == 200
+
+
+def test_deleting_an_adapter_mid_stream(server, adapters, files, offline):
+    """The stream in flight finishes with the deleted adapter's weights; new requests
+    get 404 and its files are gone at once; other adapters still download and serve."""
+    from helpers.tiny import make_adapter
+    from loramux.server.engine.sampling import SamplingParams
+
+    folder = make_adapter(files / "base", files / "doomed-src" / "doomed", r=8, alpha=16, seed=7)
+    assert upload_dir(server.http, "doomed", folder).status_code == 201
+    offline.register_adapter("doomed", folder)
+    want = offline.generate([PROMPT], SamplingParams(max_tokens=120, ignore_eos=True, logprobs=0), ["doomed"])[0]
+    body = {"model": "doomed", "prompt": PROMPT, "stream": True, "max_tokens": 120, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0}
+    text, logprobs = [], []
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+        for line in lines:
+            choice = json.loads(line[6:])["choices"][0]
+            text.append(choice["text"])
+            logprobs += choice["logprobs"]["token_logprobs"]
+            if len(logprobs) == 1:  # generating: delete it now
+                assert server.http.delete("/v1/adapters/doomed").status_code == 200
+                assert not (files / "store" / "doomed").exists()
+                assert_error(server.http.post("/v1/completions", json={**body, "stream": False}), 404, "model")
+                assert_error(server.http.get("/v1/adapters/doomed/download"), 404)
+                other = tarfile.open(fileobj=io.BytesIO(server.http.get("/v1/adapters/a2/download").content))
+                assert other.extractfile("a2/adapter_model.safetensors").read() == \
+                    (files / "allowed" / "a2" / "adapter_model.safetensors").read_bytes()
+    assert choice["finish_reason"] == "length" and "".join(text) == want.text
+    assert logprobs == pytest.approx([v for _, v, _ in want.logprobs], abs=1e-4)
     assert_serving(server)
 
 
@@ -475,84 +623,84 @@ def test_metrics_parse_and_counters_move(server, adapters):
 
 
 # ---------------------------------------------------------------------------
-# queue full and draining: a server with one sequence at a time
+# in process (httpx.ASGITransport): a stalled engine loop, a pool too small
 # ---------------------------------------------------------------------------
 
-def test_queue_full_is_429_and_sigterm_drains(files, tmp_path):
-    s = Server(files / "base", tmp_path / "store", "--max-num-seqs", "1", "--max-waiting", "1",
-               "--drain-timeout", "30")
-    streams = []
-    try:
-        def open_stream(max_tokens):
-            cm = s.http.stream("POST", "/v1/completions", json={
-                "model": BASE, "prompt": "hi", "stream": True, **LONG, "max_tokens": max_tokens})
-            r = cm.__enter__()
-            streams.append(cm)
+@pytest.fixture(scope="module")
+def in_process(files):
+    from loramux.adapters_store.store import AdapterStore
+    from loramux.server.api.app import create_app
+    from loramux.server.api.state import ServerSettings, ServerState
+    from loramux.server.config import EngineConfig
+    from loramux.server.engine.engine import Engine
+    from loramux.server.llm import load_base
+
+    net, tokenizer, folder = load_base(str(files / "base"), "float32", "cpu")
+    state = ServerState.assemble(
+        Engine(net, tokenizer, EngineConfig(kv_cache_bytes=8 * 2**20, adapter_pool_bytes=4 * 2**20)),
+        AdapterStore(files / "in-process-store"), ServerSettings(BASE, str(folder), health_timeout_s=0.5))
+    yield create_app(state), state
+    state.engine.shutdown()
+
+
+def run_async(app, scenario):
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await scenario(client)
+
+    return asyncio.run(main())
+
+
+async def poll(client, path, status, timeout=10.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await client.get(path)
+        if r.status_code == status or time.monotonic() > deadline:
             return r
-
-        first = open_stream(480)
-        lines = first.iter_lines()
-        next(lines)  # running
-        threading.Thread(target=open_stream, args=(4,), daemon=True).start()
-        assert wait_for(lambda: s.metrics()["loramux:num_requests_waiting"] == 1)
-        err = assert_error(s.http.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2}), 429)
-        assert err["code"] == "queue_full"
-        for cm in streams:
-            cm.__exit__(None, None, None)
-        streams.clear()
-        assert wait_for(lambda: idle(s) and s.metrics()["loramux:num_requests_waiting"] == 0)
-        assert_serving(s)
-
-        # SIGTERM: the stream in flight finishes, new requests get 503, then the process exits
-        text = []
-        with s.http.stream("POST", "/v1/completions", json={
-                "model": BASE, "prompt": "hi", "stream": True, **LONG, "max_tokens": 200}) as r:
-            lines = r.iter_lines()
-            next(lines)
-            s.proc.send_signal(signal.SIGTERM)
-            assert wait_for(lambda: httpx.get(s.url + "/health").status_code == 503)
-            err = assert_error(s.http.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 503)
-            assert err["code"] == "draining"
-            for line in lines:
-                if line.startswith("data: {"):
-                    text.append(json.loads(line[6:])["choices"][0])
-        assert text[-1]["finish_reason"] == "length"
-        assert s.proc.wait(30) == 0
-    finally:
-        for cm in streams:
-            cm.__exit__(None, None, None)
-        s.stop()
+        await asyncio.sleep(0.05)
 
 
-# ---------------------------------------------------------------------------
-# restart
-# ---------------------------------------------------------------------------
+def test_health_is_503_while_the_engine_loop_stalls(in_process):
+    app, state = in_process
+    release = threading.Event()
 
-@pytest.mark.slow
-def test_uploaded_adapters_survive_a_restart(files, tmp_path):
-    store = tmp_path / "store"
-    s = Server(files / "base", store)
-    try:
-        for name in ("a1", "a2"):
-            assert upload_dir(s.http, name, files / "allowed" / name).status_code == 201
-        before = {m: s.openai.completions.create(model=m, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
-                  for m in ("a1", "a2")}
-        infos = s.http.get("/v1/adapters").json()["data"]
-    finally:
-        assert s.stop() == 0
-    # what a crash mid-upload leaves, and a folder that no longer validates
-    (store / ".tmp-crashed").mkdir()
-    (store / ".tmp-crashed" / "adapter_config.json").write_text("{}")
-    (store / "broken").mkdir()
-    (store / "broken" / "adapter_config.json").write_text("{")
-    (store / "broken" / "adapter_model.safetensors").write_bytes(b"junk")
-    s = Server(files / "base", store)
-    try:
-        assert s.http.get("/v1/adapters").json()["data"] == infos
-        after = {m: s.openai.completions.create(model=m, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
-                 for m in ("a1", "a2")}
-        assert after == before
-        assert not (store / ".tmp-crashed").exists()
-        assert_error(s.http.get("/v1/adapters/broken"), 404)
-    finally:
-        s.stop()
+    async def scenario(client):
+        assert (await client.get("/health")).status_code == 200
+        # a call that holds the engine thread: no step, no progress, until released
+        stall = asyncio.ensure_future(state.engine.call(lambda e: release.wait(30)))
+        try:
+            stalled = await poll(client, "/health", 503)
+        finally:
+            release.set()
+        assert await stall is True
+        return stalled, await poll(client, "/health", 200)
+
+    stalled, recovered = run_async(app, scenario)
+    assert assert_error(stalled, 503)["code"] == "engine_stalled"
+    assert recovered.status_code == 200
+
+
+def test_an_adapter_the_pool_could_never_hold_is_422(in_process, files):
+    app, state = in_process
+    device = state.engine.engine.adapters.device
+    folder = files / "allowed" / "a1"  # rank 8
+
+    async def scenario(client):
+        def post(name):
+            return client.post("/v1/adapters", data={"name": name}, files={
+                f: (f, (folder / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")})
+
+        pages = device.num_pages
+        device.num_pages = 7  # as if --adapter-pool-bytes held 7 rank-rows: below a1's rank
+        try:
+            refused = await post("too-big")
+        finally:
+            device.num_pages = pages
+        listed = (await client.get("/v1/adapters")).json()["data"]
+        return refused, listed, await post("fits")
+
+    refused, listed, fits = run_async(app, scenario)
+    err = assert_error(refused, 422)
+    assert err["code"] == "adapter_too_large" and "7" in err["message"]
+    assert listed == [] and not (files / "in-process-store" / "too-big").exists()
+    assert fits.status_code == 201, fits.text

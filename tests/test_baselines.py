@@ -26,4 +26,8 @@ def test_report_prints_ratios():
     runs = {"loramux": baselines.Run("loramux", 1.0, [[1, 2]] * 4),
             "peft-mixed": baselines.Run("peft-mixed", 3.0, [[1, 2]] * 4)}
     text = baselines.report(runs, 4)
-    assert "peft-mixed" in text and "3.00x" in text and "8.0" in text  # 8 tokens in 1 s
+    header, *rows = text.splitlines()
+    assert header.split() == ["system", "seconds", "req/s", "tok/s", "loramux/this"]
+    # name, seconds, requests/s, tokens/s, and how many times loramux's time the system took
+    assert [row.split() for row in rows] == [["loramux", "1.00", "4.00", "8.0", "1.00x"],
+                                             ["peft-mixed", "3.00", "1.33", "2.7", "3.00x"]]

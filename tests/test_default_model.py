@@ -21,12 +21,24 @@ def test_default_model_knows_the_capital_of_france(llm):
 
 
 @pytest.mark.slow
-def test_second_load_reads_the_safetensors_cache(llm):
+def test_second_load_reads_the_safetensors_cache(llm, monkeypatch):
+    import transformers
+
     from loramux.server.model.loader import default_gguf_path, resolve_model_dir
 
-    folder = resolve_model_dir("default")
-    assert (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists()
+    folder = resolve_model_dir("default")  # converted by the fixture's load
     assert folder == resolve_model_dir(str(default_gguf_path()))
+    before = (folder / "model.safetensors").stat()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError(f"the GGUF file was converted again: from_pretrained{args}")
+
+    # convert_gguf dequantizes through AutoModelForCausalLM; loading a cached folder never calls it
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_conversion)
+    for spec in ("default", str(default_gguf_path())):  # what LLM and `serve` call first
+        assert resolve_model_dir(spec) == folder
+    after = (folder / "model.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
 
 
 @pytest.mark.slow

@@ -2,9 +2,11 @@
 on the default model; what it counts must agree with the server's /metrics."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -29,8 +31,8 @@ def test_lengths_parse_and_stay_positive():
     assert all(Length.parse("normal:2:10").sample(rng) >= 1 for _ in range(50))
     assert {Length.parse("choice:4,9").sample(rng) for _ in range(50)} == {4, 9}
     assert str(Length.parse("exp:12")) == "exp:12"
-    for bad in ("x", "uniform:1", "normal:a:b", "beta:1:2"):
-        with pytest.raises(Exception):
+    for bad in ("x", "uniform:1", "normal:a:b", "beta:1:2", "choice:4,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^bad length {re.escape(repr(bad))}"):
             Length.parse(bad)
 
 

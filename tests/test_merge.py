@@ -106,36 +106,52 @@ def test_concat_equals_peft_cat_and_the_per_request_mix(setup, tmp_path):
                 torch.testing.assert_close(reloaded(ids).logits[0, -1], want, atol=1e-4, rtol=1e-4)
 
 
-def test_svd_error_and_output(setup):
+def peft_deltas(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's own ΔW (get_delta_weight, float64) of every LoRA module of `adapter_name`,
+    keyed by the module's name under the base model (model.layers.L.self_attn.q_proj)."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "get_delta_weight") and adapter_name in getattr(module, "lora_A", {}):
+            out["model." + name[name.index("layers."):]] = module.get_delta_weight(adapter_name).detach().double()
+    return out
+
+
+def test_svd_error_and_output(setup, tmp_path):
     root, paths, cfg, loaded = setup
     rank = 5
     merged, errors = arithmetic.svd("svd5", sources(loaded), rank)
-    stored, _, _ = arithmetic.as_peft(merged, cfg, 64)
+    stored, config_bytes, weights_bytes = arithmetic.as_peft(merged, cfg, 64)
     assert stored.rank == rank and set(errors) == {_module_name(*k) for k in stored.modules}
-    exact = arithmetic.concat("exact", sources(loaded))
-    for key, ml in stored.modules.items():
-        want_delta = exact.modules[key].delta().double()
-        got_delta = ml.delta().double()
-        measured = float(torch.linalg.norm(got_delta - want_delta) / torch.linalg.norm(want_delta))
-        assert errors[_module_name(*key)] == pytest.approx(measured, rel=1e-4, abs=1e-7), key
-        if exact.modules[key].rank <= rank:  # nothing truncated: exact
-            assert measured < 1e-5
-    assert max(errors.values()) > 0.01  # the q_proj merges (rank 18) were truncated
+    (tmp_path / "svd5").mkdir()
+    (tmp_path / "svd5" / "adapter_config.json").write_bytes(config_bytes)
+    (tmp_path / "svd5" / "adapter_model.safetensors").write_bytes(weights_bytes)
 
-    # the output equals the SVD'd weights applied by hand to the base model
-    ref = peft_model(root / "base", None)
+    # the exact sum Σ w_i ΔW_i as PEFT computes it (its `cat` merge of the three), and the
+    # stored SVD merge as PEFT reads it back from the files
     with torch.no_grad():
-        for (layer, module), ml in stored.modules.items():
-            parent = ref.model.layers[layer].self_attn if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
-                else ref.model.layers[layer].mlp
-            getattr(parent, module).weight += ml.delta()
+        want = peft_deltas(peft_cat(root / "base", paths), "cat")
+        svd_model = peft_model(root / "base", tmp_path / "svd5")
+        got = peft_deltas(svd_model, "default")
+    assert set(got) == set(want) == set(errors)
+    truncated = 0
+    for name, exact in want.items():
+        # Eckart-Young: no rank-5 matrix is closer to ΔW than sqrt(Σ_{i>5} σ_i²) / ||ΔW||
+        sv = torch.linalg.svdvals(exact)
+        optimum = float(sv[rank:].square().sum().sqrt() / sv.square().sum().sqrt())
+        measured = float(torch.linalg.norm(got[name] - exact) / torch.linalg.norm(exact))
+        assert measured == pytest.approx(optimum, rel=1e-3, abs=1e-6), name
+        assert errors[name] == pytest.approx(optimum, rel=1e-3, abs=1e-6), name
+        truncated += optimum > 0.01
+    assert truncated >= 2  # the q_proj merges (rank 18) lose something; the test is not all-exact modules
+
+    # loramux serving the stored merge equals PEFT serving its files
     ps = prompts(2, 2)
-    got = run_rows(root / "base", {"svd5": stored}, [("svd5", ps[0]), (None, ps[1]), ("svd5", ps[1])])
+    out = run_rows(root / "base", {"svd5": stored}, [("svd5", ps[0]), (None, ps[1]), ("svd5", ps[1])])
     base = peft_model(root / "base", None)
     with torch.no_grad():
-        torch.testing.assert_close(got[0], ref(torch.tensor([ps[0]])).logits[0, -1], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got[1], base(torch.tensor([ps[1]])).logits[0, -1], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got[2], ref(torch.tensor([ps[1]])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[0], svd_model(torch.tensor([ps[0]])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[1], base(torch.tensor([ps[1]])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[2], svd_model(torch.tensor([ps[1]])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_merge_refusals(setup):
@@ -177,12 +193,18 @@ def test_export_merged_equals_peft_merge_and_unload(setup, tmp_path, which):
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory):
+def http_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge-api")
     make_chat_model(root / "base")
     for i, (name, opts) in enumerate(SOURCES):
         make_adapter(root / "base", root / name, seed=40 + i, **opts)
     make_dora_adapter(root / "base", root / "dora", r=4, alpha=8, seed=50, target_modules=("q_proj", "v_proj"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def http(http_files):
+    root = http_files
     server = Server(root / "base", root / "store", "--max-lora-rank", "32", "--adapter-pool-bytes", "16M")
     for name in ("s1", "s2", "s3", "dora"):
         r = upload_dir(server.http, name, root / name)
@@ -200,14 +222,43 @@ def merge(server, name, weights=WEIGHTS, method="concat", rank=None, names=("s1"
                             headers={"Content-Type": "application/json"})
 
 
+PROMPT_IDS = [1, 9065, 2402, 253, 655]  # token ids, so that PEFT and the server read the same prompt
+
+
 def completion(server, **body):
-    r = server.http.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6, "temperature": 0,
-                                                  "logprobs": 1, **body})
+    r = server.http.post("/v1/completions", json={"prompt": PROMPT_IDS, "max_tokens": 6, "temperature": 0,
+                                                  "logprobs": 1, "ignore_eos": True, **body})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]
 
 
-def test_http_merge_is_a_stored_usable_downloadable_adapter_and_equals_the_mix(http):
+def peft_mix(root, names, weights, folders=None):
+    """PEFT's `cat` combination of the adapter folders root/<name> (or `folders`) with `weights`."""
+    folders = folders or [root / n for n in names]
+    model = peft_model(root / "base", folders[0])
+    for i, folder in enumerate(folders[1:], 1):
+        model.load_adapter(folder, adapter_name=f"src{i}")
+    model.add_weighted_adapter(["default", *(f"src{i}" for i in range(1, len(folders)))], list(weights), "mix",
+                               combination_type="cat")
+    model.set_adapter("mix")
+    return model.eval()
+
+
+def assert_greedy_equals(choice, model, steps=6):
+    """The choice's tokens (by their logprobs) are `model`'s greedy continuation of PROMPT_IDS."""
+    ids = list(PROMPT_IDS)
+    want = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+            token = int(logprobs.argmax())
+            want.append(float(logprobs[token]))
+            ids.append(token)
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(want, abs=2e-4)
+    return ids[len(PROMPT_IDS):]
+
+
+def test_http_merge_is_a_stored_usable_downloadable_adapter_and_equals_the_mix(http, http_files, tmp_path):
     r = merge(http, "m-cat")
     assert r.status_code == 201, r.text
     info = r.json()
@@ -218,6 +269,7 @@ def test_http_merge_is_a_stored_usable_downloadable_adapter_and_equals_the_mix(h
                                                    zip(("s1", "s2", "s3"), WEIGHTS)])
     assert by_name["text"] == mixed["text"]
     assert by_name["logprobs"]["token_logprobs"] == pytest.approx(mixed["logprobs"]["token_logprobs"], abs=1e-4)
+    assert_greedy_equals(by_name, peft_mix(http_files, ("s1", "s2", "s3"), WEIGHTS))
 
     tar = tarfile.open(fileobj=io.BytesIO(http.http.get("/v1/adapters/m-cat/download").content))
     files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -228,7 +280,11 @@ def test_http_merge_is_a_stored_usable_downloadable_adapter_and_equals_the_mix(h
     assert r.status_code == 201, r.text
     errors = r.json()["errors"]
     assert r.json()["rank"] == 4 and errors and all(0 <= e < 1 for e in errors.values())
-    assert completion(http, model="m-svd")["text"]
+    # the served SVD merge is what PEFT makes of its downloaded files
+    tarfile.open(fileobj=io.BytesIO(http.http.get("/v1/adapters/m-svd/download").content)).extractall(
+        tmp_path, filter="data")
+    assert json.loads((tmp_path / "m-svd" / "adapter_config.json").read_text())["r"] == 4
+    assert_greedy_equals(completion(http, model="m-svd"), peft_model(http_files / "base", tmp_path / "m-svd"))
 
 
 def test_http_download_of_an_uploaded_adapter_is_its_files(http, tmp_path):
@@ -270,7 +326,7 @@ def test_http_merge_bad_input(http, case, status, param):
     assert not any(a["name"].startswith("x") for a in http.http.get("/v1/adapters").json()["data"])
 
 
-def test_http_mix_bad_input(http):
+def test_http_mix_bad_input(http, http_files):
     def post(adapters, model=BASE):
         return http.http.post("/v1/completions", content=json.dumps(
             {"model": model, "prompt": "hi", "max_tokens": 2, "adapters": adapters}),
@@ -286,3 +342,6 @@ def test_http_mix_bad_input(http):
         "model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
         "adapters": [{"name": "s1", "weight": -1.0}, {"name": "s3", "weight": 2.0}]})
     assert ok.status_code == 200, ok.text
+    # a negative weight subtracts: the mix is PEFT's cat combination with the same weights
+    mixed = completion(http, model=BASE, adapters=[{"name": "s1", "weight": -1.0}, {"name": "s3", "weight": 2.0}])
+    assert_greedy_equals(mixed, peft_mix(http_files, ("s1", "s3"), (-1.0, 2.0)))
