@@ -88,14 +88,13 @@ class AdapterPool:
     # -- registry -----------------------------------------------------------
 
     def check_fits(self, rank: int) -> None:
-        """Unprocessable for an adapter the device tier could never hold."""
+        """Unprocessable for an adapter the device tier could never hold. Its
+        pages always fit then: DeviceLoraPool holds at least max_rank of them.
+        (The API's parser refuses such a rank first; this guards every other
+        way in: mixes, merges, pools built directly.)"""
         if rank > self.device.max_rank:
             raise Unprocessable(f"adapter rank {rank} is above max_lora_rank {self.device.max_rank}", WEIGHTS_NAME,
                                 "adapter_too_large")
-        if rank > self.device.num_pages:
-            raise Unprocessable(
-                f"adapter of rank {rank} needs {rank} pages of {self.device.page_bytes} B; the device adapter "
-                f"pool holds {self.device.num_pages} (--adapter-pool-bytes)", WEIGHTS_NAME, "adapter_too_large")
 
     def add(self, adapter: LoraAdapter | AdapterSource) -> str:
         """Hold `adapter` for one registration (the registry calls this); its

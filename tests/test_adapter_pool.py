@@ -23,7 +23,7 @@ from loramux.server.config import LORA_GROUPS, LORA_MODULES, EngineConfig, Model
 from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter, save_peft_adapter
 from loramux.bench.popularity import choose
 from loramux.bench.synthetic import random_adapter
-from loramux.server.errors import Conflict, NotFound
+from loramux.server.errors import Conflict, NotFound, Unprocessable
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=16, intermediate_size=24, num_layers=2,
                   num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -148,6 +148,18 @@ def test_host_cache_keeps_protected_entries():
     assert cache.put(ads[2], keep={ads[0].digest, ads[1].digest}) is None
     assert cache.put(ads[2], keep={ads[0].digest}) == [ads[1].digest]
     assert cache.nbytes == 2 * ads[0].nbytes
+
+
+def test_an_adapter_above_the_pools_rank_is_refused_and_nothing_is_held():
+    pool = AdapterPool(DeviceLoraPool(CFG, 2**24, 16, 8, torch.float32), prefetch=False)  # max rank 8
+    big = synth(CFG, "big", 16, 1)
+    for add in (lambda: pool.add(big), lambda: pool.add_mix(big)):
+        with pytest.raises(Unprocessable) as e:
+            add()
+        assert e.value.code == "adapter_too_large" and "16" in str(e.value)
+        assert big.digest not in pool and pool.total_refs() == 0 and pool.mix_bytes() == 0
+    assert pool.add(synth(CFG, "fits", 8, 2)) in pool
+    pool.check_consistent()
 
 
 def test_refs_released_and_names_are_digests():

@@ -19,7 +19,8 @@ import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from helpers.live_server import BASE, KEY, UPLOAD_CAP, Server, assert_error, assert_serving, make_api_files, upload, upload_dir
+from helpers.live_server import BASE, KEY, UPLOAD_CAP, Server, assert_error, assert_serving, make_api_files, upload, \
+    upload_dir, wait_for
 
 
 # ---------------------------------------------------------------------------
@@ -554,15 +555,6 @@ def test_upload_missing_parts_is_400(server, files):
 # disconnects, metrics
 # ---------------------------------------------------------------------------
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def idle(server) -> bool:
     m = server.metrics()
     return m["loramux:num_requests_running"] == 0 and m["loramux:kv_cache_usage_perc"] == 0
@@ -678,29 +670,3 @@ def test_health_is_503_while_the_engine_loop_stalls(in_process):
     stalled, recovered = run_async(app, scenario)
     assert assert_error(stalled, 503)["code"] == "engine_stalled"
     assert recovered.status_code == 200
-
-
-def test_an_adapter_the_pool_could_never_hold_is_422(in_process, files):
-    app, state = in_process
-    device = state.engine.engine.adapters.device
-    folder = files / "allowed" / "a1"  # rank 8
-
-    async def scenario(client):
-        def post(name):
-            return client.post("/v1/adapters", data={"name": name}, files={
-                f: (f, (folder / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")})
-
-        pages = device.num_pages
-        device.num_pages = 7  # as if --adapter-pool-bytes held 7 rank-rows: below a1's rank
-        try:
-            refused = await post("too-big")
-        finally:
-            device.num_pages = pages
-        listed = (await client.get("/v1/adapters")).json()["data"]
-        return refused, listed, await post("fits")
-
-    refused, listed, fits = run_async(app, scenario)
-    err = assert_error(refused, 422)
-    assert err["code"] == "adapter_too_large" and "7" in err["message"]
-    assert listed == [] and not (files / "in-process-store" / "too-big").exists()
-    assert fits.status_code == 201, fits.text

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from helpers.live_server import BASE, KEY, Server, assert_error, assert_serving, make_api_files
+from helpers.live_server import BASE, KEY, Server, assert_error, assert_serving, make_api_files, wait_for
 
 GRACEFUL = 5  # uvicorn's timeout_graceful_shutdown in _serve
 BOUNDARY = "drainXYZ"
@@ -96,15 +96,6 @@ class SlowUpload:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def wait_for(predicate, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def health(server: Server) -> int:

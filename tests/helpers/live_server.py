@@ -25,6 +25,16 @@ UPLOAD_CAP = 256 * 1024
 # a server process
 # ---------------------------------------------------------------------------
 
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    """Whether predicate() became true within `timeout` seconds (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
