@@ -29,6 +29,7 @@ from loramux.server.api.generation import GenerationService
 from loramux.server.api.routes_adapters import adapters_router
 from loramux.server.api.routes_openai import openai_router
 from loramux.server.api.routes_ops import ops_router
+from loramux.server.api.routes_tokenizer import tokenizer_router
 from loramux.server.api.state import ServerState
 
 
@@ -39,6 +40,7 @@ def create_app(state: ServerState) -> FastAPI:
     install_handlers(app)
     generation = GenerationService(state)
     app.include_router(openai_router(state, generation))
+    app.include_router(tokenizer_router(generation))
     app.include_router(adapters_router(AdapterService(state, generation)))
     app.include_router(ops_router(state))
     return app

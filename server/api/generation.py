@@ -229,14 +229,15 @@ class GenerationService:
             out.append(list(await asyncio.to_thread(self.tokenizer.encode, prompt)))
         return out
 
-    async def encode_chat(self, body) -> list[int]:
+    async def encode_chat(self, body, add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise Invalid("this model has no chat template; use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         self.check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            return await asyncio.to_thread(chat_token_ids, tokenizer, messages)
+            return await asyncio.to_thread(chat_token_ids, tokenizer, messages, add_generation_prompt,
+                                           add_special_tokens)
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise Invalid(f"the chat template rejected the messages: {type(exc).__name__}", "messages") from None
 

@@ -356,6 +356,49 @@ class MergeResponse(AdapterInfo):
     errors: dict[str, float] | None = None
 
 
+# ---------------------------------------------------------------------------
+# vLLM's tokenizer endpoints
+# ---------------------------------------------------------------------------
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a `prompt`, or chat `messages` through the chat template."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # the tokenizer's own special tokens (BOS); vLLM's default: yes for a prompt,
+    # no for messages, whose template writes its own
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of `prompt` and `messages`")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class LoadLoraAdapterRequest(BaseModel):
     lora_name: str
     lora_path: str

@@ -117,8 +117,14 @@ def load_safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                   add_special_tokens: bool = False) -> list[int]:
     """The token ids of `messages` through the tokenizer's chat template, with
-    the generation prompt (transformers returns a list or, newer, a mapping)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    the generation prompt unless told not to (transformers returns a list or,
+    newer, a mapping). add_special_tokens: the tokenizer's own specials (BOS)
+    on top of what the template writes, as vLLM's /tokenize offers."""
+    if add_special_tokens:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=True))
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
