@@ -35,24 +35,28 @@ class Gate:
         settings = self.state.settings
         upload = scope["path"] == "/v1/adapters"
         cap = settings.max_upload_bytes if upload else settings.max_request_bytes
-        too_large = TooLarge(f"the upload is larger than the limit of {cap} bytes", code="upload_too_large") \
-            if upload else TooLarge(f"the request body is larger than the limit of {cap} bytes "
-                                         "(--max-request-bytes)", code="request_too_large")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > cap:
-            return await response_for(too_large)(scope, receive, send)
+            return await response_for(_too_large(upload, cap))(scope, receive, send)
         if upload:  # the upload route streams its body (to temporary files): stop it at the cap
-            receive = _capped_receive(receive, cap, too_large)
+            receive = _capped_receive(receive, cap, _too_large(upload, cap))
         else:  # bodies parsed whole: read under the cap here, so no parser ever sees more
             body = await _read_body(receive, cap)
             if body is None:
-                return await response_for(too_large)(scope, receive, send)
+                return await response_for(_too_large(upload, cap))(scope, receive, send)
             receive = _replay(body, receive)
         self.state.inflight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.state.inflight -= 1
+
+
+def _too_large(upload: bool, cap: int) -> TooLarge:
+    if upload:
+        return TooLarge(f"the upload is larger than the limit of {cap} bytes", code="upload_too_large")
+    return TooLarge(f"the request body is larger than the limit of {cap} bytes (--max-request-bytes)",
+                    code="request_too_large")
 
 
 async def _read_body(receive, cap: int) -> dict | None:

@@ -90,10 +90,19 @@ class AsyncEngine:
             self._wake.notify()
 
     def _deliver(self, request_id: str, item) -> None:
-        entry = self._queues.get(request_id)
-        if entry is not None:
-            loop, queue = entry
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items) -> None:
+        """Hand (request id, output or exception) pairs to their consumers: one
+        wake-up of each event loop for the lot, not one per output."""
+        by_loop: dict = {}
+        for request_id, item in items:
+            entry = self._queues.get(request_id)
+            if entry is not None:
+                loop, queue = entry
+                by_loop.setdefault(loop, []).append((queue, item))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
 
     def _loop(self) -> None:
         while True:
@@ -110,11 +119,10 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug or OOM in one step must not kill the server
                 log.exception("engine step failed; aborting the requests in flight")
-                for request_id in self.engine.abort_all():
-                    self._deliver(request_id, RuntimeError(f"engine step failed: {type(exc).__name__}"))
+                error = RuntimeError(f"engine step failed: {type(exc).__name__}")
+                self._deliver_all((request_id, error) for request_id in self.engine.abort_all())
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, RequestFailed(output.error) if output.error else output)
+            self._deliver_all((o.request_id, RequestFailed(o.error) if o.error else o) for o in outputs)
             if self.on_step is not None:
                 try:
                     self.on_step(self.engine, outputs)
@@ -142,6 +150,11 @@ class AsyncEngine:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+
+def _put_all(pairs) -> None:
+    for queue, item in pairs:
+        queue.put_nowait(item)
 
 
 def _resolve(future: asyncio.Future, result, error: Exception | None) -> None:

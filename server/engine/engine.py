@@ -77,7 +77,6 @@ class _Generation:
     sampler: SampleState
     stop_ids: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
 
 
 class Engine:
@@ -101,7 +100,6 @@ class Engine:
         self._ids = itertools.count()
         # For metrics (read in the engine thread by AsyncEngine.on_step).
         self.num_preemptions = 0  # total so far
-        self.last_residency_seconds = 0.0  # make_resident in the last step
 
     def _adapters_in_use(self) -> frozenset[str]:
         """Digests of the adapters that running requests need."""
@@ -221,9 +219,7 @@ class Engine:
             self.adapters.prefetch(self.scheduler.waiting_adapters(), in_use)
             return []
         self.num_preemptions += len(out.preempted)
-        t0 = time.perf_counter()
         slots, failed = self._make_resident(sorted(out.adapter_digests), in_use)
-        self.last_residency_seconds = time.perf_counter() - t0
         # waiting requests' adapters load in the pool's worker while this step runs
         self.adapters.prefetch(self.scheduler.waiting_adapters(), in_use)
         chunks = [c for c in out.chunks if c.request.status is RequestStatus.RUNNING]
@@ -320,14 +316,13 @@ class Engine:
         except Exception:  # a bug in the batched part: sample row by row, so only a failing row fails
             log.exception("sampling a batch of %d rows failed; sampling them one by one", len(gens))
             sampled = [self._sample_one(logits[i:i + 1], g, suppress[i]) for i, g in enumerate(gens)]
-        now = time.monotonic()
         outputs = []
         for g, s in zip(gens, sampled):
             if isinstance(s, SampleFailed):
                 outputs.append(self._fail(g.request, s.reason))
                 continue
             try:
-                outputs.append(self._advance(g, s.token, s.logprob, s.top, now))
+                outputs.append(self._advance(g, s.token, s.logprob, s.top))
             except Exception:
                 log.exception("postprocessing request %s failed", g.request.request_id)
                 outputs.append(self._fail(g.request, "the output could not be processed"))
@@ -341,13 +336,11 @@ class Engine:
         except Exception as exc:
             return SampleFailed(f"sampling failed: {type(exc).__name__}")
 
-    def _advance(self, g: _Generation, token: int, logprob: float, top, now: float) -> RequestOutput:
+    def _advance(self, g: _Generation, token: int, logprob: float, top) -> RequestOutput:
         """Append the sampled token; decide whether the request stops."""
         req = g.request
         text, stopped = g.detok.add(token) if g.detok is not None else ("", False)
         req.output_ids.append(token)
-        if g.first_token_time is None:
-            g.first_token_time = now
         status = None
         if token in g.stop_ids:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
