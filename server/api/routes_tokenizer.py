@@ -45,8 +45,12 @@ def tokenizer_router(service: GenerationService) -> APIRouter:
             service.resolve_model(body.model)
         tok = tokenizer("tokens")
         vocab = service.core.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise Invalid(f"token ids must be in [0, {vocab})", "tokens")
-        return DetokenizeResponse(prompt=await asyncio.to_thread(tok.decode, body.tokens))
+
+        def decode() -> str:  # in a thread: a body can hold millions of ids
+            if any(not 0 <= t < vocab for t in body.tokens):
+                raise Invalid(f"token ids must be in [0, {vocab})", "tokens")
+            return tok.decode(body.tokens)
+
+        return DetokenizeResponse(prompt=await asyncio.to_thread(decode))
 
     return router
