@@ -1,12 +1,30 @@
-"""Prometheus metrics, named like vLLM's where the meaning is the same, prefixed `loramux:`.
+"""Prometheus metrics, named like vLLM's where the meaning is the same, prefixed `loramux:`;
+and the router protocol's `vllm:` names.
 
 One `Metrics` per app, on its own CollectorRegistry. Two feeds:
 - `on_step(engine, outputs)` runs in the engine thread after every step
-  (AsyncEngine.on_step): queue gauges, KV usage, queue time, preemptions,
+  (AsyncEngine.on_step): a `SchedulerReading` (queue gauges, KV usage, the
+  adapters of running and waiting requests), queue time, preemptions,
   token counters and the adapter pool;
 - `RequestTimer` runs in the event loop, one per HTTP request: TTFT,
   inter-token latency, end-to-end latency and the finish reason.
 prometheus_client's metrics are thread-safe, so the two never lock each other.
+
+The Kubernetes Gateway API inference extension's endpoint picker reads the
+"model server protocol" (docs/proposals/003-model-server-protocol in
+kubernetes-sigs/gateway-api-inference-extension) under vLLM's names, which
+`RouterCollector` serves from the last reading at each scrape:
+`vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc` (each also under its `loramux:` name, from the same
+reading), `vllm:cache_config_info{block_size, num_gpu_blocks, ...} 1` and
+`vllm:lora_requests_info{max_lora, running_lora_adapters,
+waiting_lora_adapters} <unix time>`. The picker takes the LoRA series with the
+newest value; this one has exactly one series, built at the scrape. Its
+running list is every adapter resident in the device pool (a request for it
+starts without a load) plus those of running requests; waiting: the adapters
+of waiting requests that are not resident. Adapters by registry name,
+comma-separated and sorted; a digest no name holds (a per-request mix, a
+deleted name) is left out.
 
 Per-adapter series exist only for adapters in the registry (requests carry
 their adapter's name as their label, CheckedRequest.adapter_label):
@@ -17,13 +35,16 @@ never add a label value by sending requests.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from loramux.adapters_store.residency import TierUsage
 from loramux.adapters_store.registry import AdapterRegistry
 
 P = "loramux:"
+V = "vllm:"  # the router protocol's names (RouterCollector)
 MIX_LABEL = "mix"
 _FINISH_REASONS = ("stop", "length", "abort", "error")
 
@@ -34,6 +55,26 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
 _LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+@dataclass(frozen=True)
+class KVCacheInfo:
+    """The KV cache's fixed shape, shown as vllm:cache_config_info's labels."""
+
+    block_size: int  # tokens per block
+    num_blocks: int  # blocks in the cache (vLLM's num_gpu_blocks, on any device)
+    dtype: str  # e.g. "float32", "bfloat16"
+
+
+@dataclass(frozen=True)
+class SchedulerReading:
+    """The scheduler after one step (taken in the engine thread, read at scrapes)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    running_digests: frozenset[str] = frozenset()  # adapters of running requests
+    waiting_digests: frozenset[str] = frozenset()  # adapters of waiting requests
+
+
 def pool_tiers(pool) -> dict[str, TierUsage]:
     """Per tier of the adapter pool (disk, host, device): the adapters it
     holds with their bytes, and its load / eviction / prefetch-hit counters.
@@ -42,13 +83,15 @@ def pool_tiers(pool) -> dict[str, TierUsage]:
 
 
 class Metrics:
-    def __init__(self, max_loras: int, adapters: AdapterRegistry):
+    def __init__(self, max_loras: int, adapters: AdapterRegistry, kv_cache: KVCacheInfo):
+        """`max_loras`: adapters per batch (vllm:lora_requests_info's max_lora);
+        `adapters`: the registry (names, and the pool that says which are resident)."""
         self.registry = r = CollectorRegistry()
         self.max_loras = max_loras
         self.adapters = adapters  # which labels are adapters that exist
-        self.running = Gauge(P + "num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled", registry=r)
-        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", registry=r)
+        self.reading = SchedulerReading()  # replaced whole by each step (one assignment: thread-safe)
+        # running / waiting / KV usage (loramux: and vllm:), cache config, LoRA info
+        r.register(RouterCollector(self, kv_cache))
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of requests admitted", registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", registry=r)
         self.success = Counter(P + "request_success", "Requests finished, by finish reason",
@@ -71,9 +114,6 @@ class Metrics:
                                       ["adapter"], registry=r)
         self.adapter_success = Counter(P + "adapter_request_success", "Requests finished per adapter",
                                        ["adapter", "finished_reason"], registry=r)
-        # vLLM's LoRA info gauge, read by the Gateway API inference extension
-        self.lora_info = Gauge(P + "lora_requests_info", "Running and waiting adapters (value: time)",
-                               ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
         # adapter pool, per tier
         self.pool_adapters = Gauge(P + "adapter_pool_resident_adapters", "Adapters held by a pool tier",
                                    ["tier"], registry=r)
@@ -100,7 +140,6 @@ class Metrics:
         self._seen_running: set[str] = set()  # request ids already scheduled once
         self._adapters_seen: set[str] = set()
         self._tier_seen: dict[str, TierUsage] = {}
-        self._last_info: tuple | None = None
         for reason in _FINISH_REASONS:
             self.success.labels(reason)
 
@@ -123,10 +162,11 @@ class Metrics:
 
     def on_step(self, engine, outputs) -> None:
         sched, now = engine.scheduler, time.monotonic()
-        self.running.set(sched.num_running)
-        self.waiting.set(sched.num_waiting)
         alloc = engine.allocator
-        self.kv_usage.set(1.0 - alloc.num_free / alloc.num_blocks)
+        self.reading = SchedulerReading(
+            sched.num_running, sched.num_waiting, 1.0 - alloc.num_free / alloc.num_blocks,
+            frozenset(r.adapter_digest for r in sched.running if r.adapter_digest is not None),
+            frozenset(r.adapter_digest for r in sched.waiting if r.adapter_digest is not None))
         self.preemptions.inc(engine.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = engine.num_preemptions
 
@@ -150,14 +190,6 @@ class Metrics:
             self.adapter_running.labels(name).set(running.get(name, 0))
             self.adapter_waiting.labels(name).set(waiting.get(name, 0))
         self._adapters_seen |= running.keys() | waiting.keys()
-        # vLLM's info gauge names registered adapters only (routers match them to models)
-        info = (",".join(sorted(n for n in running if n and n != MIX_LABEL)),
-                ",".join(sorted(n for n in waiting if n and n != MIX_LABEL)))
-        if info != self._last_info:
-            if self._last_info is not None:
-                self.lora_info.remove(*self._last_info, str(self.max_loras))
-            self.lora_info.labels(*info, str(self.max_loras)).set(time.time())
-            self._last_info = info
 
         for out in outputs:
             n = len(out.token_ids)
@@ -192,8 +224,65 @@ class Metrics:
 
     # -- event loop ---------------------------------------------------------
 
+    def lora_adapters(self) -> tuple[list[str], list[str]]:
+        """(running, waiting) adapter names of vllm:lora_requests_info, sorted:
+        running = resident in the device pool or with a running request;
+        waiting = with a waiting request and not resident. Names come from the
+        registry; a digest without one (a per-request mix) is left out."""
+        reading = self.reading
+        ready = set(self.adapters.pool.resident()) | reading.running_digests
+        names: dict[str, list[str]] = {}
+        for entry in self.adapters.entries():  # one digest may have several names
+            names.setdefault(entry.digest, []).append(entry.name)
+
+        def named(digests) -> list[str]:
+            return sorted(n for d in digests for n in names.get(d, ()))
+
+        return named(ready), named(reading.waiting_digests - ready)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouterCollector:
+    """The gauges a router reads, built at each scrape from `metrics.reading`:
+    one reading feeds the loramux: and the vllm: name of each, so the two
+    never disagree; the LoRA info series is built fresh, so there is only
+    ever one."""
+
+    def __init__(self, metrics: Metrics, kv_cache: KVCacheInfo):
+        self.metrics = metrics
+        self.cache_labels = {  # vLLM's CacheConfig.metrics_info() labels that apply here, and its engine
+            "block_size": str(kv_cache.block_size), "num_gpu_blocks": str(kv_cache.num_blocks),
+            "cache_dtype": kv_cache.dtype, "enable_prefix_caching": "False", "engine": "0"}
+
+    def describe(self):  # the names, for the registry's duplicate check (no engine state read)
+        return self._families(SchedulerReading(), [], [], 0.0)
+
+    def collect(self):
+        running, waiting = self.metrics.lora_adapters()
+        return self._families(self.metrics.reading, running, waiting, time.time())
+
+    def _families(self, reading: SchedulerReading, running: list[str], waiting: list[str], now: float):
+        out = []
+        for prefix in (P, V):
+            out.append(GaugeMetricFamily(prefix + "num_requests_running", "Requests in the running batch",
+                                         value=reading.num_running))
+            out.append(GaugeMetricFamily(prefix + "num_requests_waiting", "Requests waiting to be scheduled",
+                                         value=reading.num_waiting))
+            out.append(GaugeMetricFamily(prefix + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)",
+                                         value=reading.kv_usage))
+            info = GaugeMetricFamily(
+                prefix + "lora_requests_info",
+                "Adapters resident or running, and waiting (names, comma-separated); value: unix time",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            info.add_metric([str(self.metrics.max_loras), ",".join(running), ",".join(waiting)], now)
+            out.append(info)
+        cache = GaugeMetricFamily(V + "cache_config_info", "Information of the KV cache configuration",
+                                  labels=list(self.cache_labels))
+        cache.add_metric(list(self.cache_labels.values()), 1.0)
+        out.append(cache)
+        return out
 
 
 def _remove(metric, *labels: str) -> None:
