@@ -27,7 +27,14 @@ serve: $(STAMP)
 # tests/test_prometheus.py starts a real Prometheus (Debian's package)
 PROMETHEUS := $(shell command -v prometheus 2>/dev/null)
 
-test: $(STAMP)
+# the client libraries the tests drive (lm-eval, LangChain); torch stays pinned
+CLIENTS := $(VENV)/.clients
+
+$(CLIENTS): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,clients]' $$($(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])")
+	@touch $(CLIENTS)
+
+test: $(CLIENTS)
 ifeq ($(PROMETHEUS),)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
 endif

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from loramux.server.engine.grammar_compiler import DEFAULT_TIMEOUT_S
+
 
 def _generate(args) -> int:
     from loramux.server.llm import LLM
@@ -106,6 +108,7 @@ def _serve(args) -> int:
         served_model_name=served, model_root=str(folder), api_key=api_key,
         allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
         max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
+        grammar_timeout_s=args.grammar_compile_timeout,
     )
     state = ServerState.assemble(Engine(net, tokenizer, config), store, settings)
     restore_stored(state.adapters, store, net.cfg, config.max_lora_rank)
@@ -135,7 +138,7 @@ def _serve(args) -> int:
     try:
         asyncio.run(server.serve())
     finally:
-        state.engine.shutdown()
+        state.close()
     return 0
 
 
@@ -146,10 +149,8 @@ def _bench(argv: list[str]) -> int:
     return load_test.main(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # every option after `bench` is the load test's own
-        return _bench(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The `loramux` command line (tests check deploy/k8s's container args against it)."""
     parser = argparse.ArgumentParser(prog="loramux", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="largest body of any other request (413 above it, before it is parsed)")
     srv.add_argument("--mix-pool-bytes", type=_bytes, default=None, metavar="BYTES",
                      help="per-request adapter mixes held at once (429 when full; default 256M)")
+    srv.add_argument("--grammar-compile-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                     help="a JSON schema, regex or grammar that takes longer to compile is refused (400)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(func=_serve)
@@ -214,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("bench", add_help=False,
                    help="load-test an OpenAI-compatible server (bench/load_test.py; `loramux bench --help`)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option after `bench` is the load test's own
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -9,8 +9,11 @@ from transformers import AutoConfig, AutoTokenizer
 
 from loramux.server.config import EngineConfig, ModelConfig
 from loramux.server.engine.engine import Engine
+from loramux.server.engine.grammar_compiler import compile_here, tokenizer_info
+from loramux.server.engine.guided import Guide, GuideSpec
 from loramux.server.model.loader import chat_token_ids, load_safetensors_weights, resolve_model_dir
 from loramux.server.model.llama import LlamaModel
+from loramux.server.model.runner import PromptLogprob
 from loramux.adapters_store.peft_format import load_peft_adapter
 from loramux.adapters_store.registry import AdapterRegistry, RegisteredAdapter
 from loramux.adapters_store.sources import AdapterSource
@@ -43,6 +46,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, entry 0 None
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 def load_base(model: str | None, dtype: str, device: str):
@@ -67,12 +72,20 @@ class LLM:
         net, self.tokenizer, self.model_dir = load_base(model, dtype, device)
         self.engine = Engine(net, self.tokenizer, config)
         self.adapters = AdapterRegistry(self.engine.adapters)
+        self._tokenizer_info = None  # xgrammar's, made with the first guide
         for name, path in (adapters or {}).items():
             self.register_adapter(name, path)
 
     def register_adapter(self, name: str, path: str | Path) -> None:
         adapter = load_peft_adapter(path, self.engine.model.cfg, self.engine.config.max_lora_rank, name=name)
         self.adapters.register(RegisteredAdapter(name, AdapterSource.in_memory(adapter)))
+
+    def compile_guide(self, spec: GuideSpec) -> Guide:
+        """The spec compiled for this model, in this process (ValueError if it does not compile)."""
+        if self._tokenizer_info is None:
+            cfg = self.engine.model.cfg
+            self._tokenizer_info = tokenizer_info(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        return compile_here(self._tokenizer_info, spec)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return chat_token_ids(self.tokenizer, messages)
@@ -82,19 +95,24 @@ class LLM:
         prompts: list[str | list[int]],
         sampling: SamplingParams | list[SamplingParams] | None = None,
         adapters: list[str | None] | None = None,
+        guides: list[GuideSpec | None] | None = None,
     ) -> list[Completion]:
         """One completion per prompt; all prompts run together in one batch
-        stream, each with its own adapter (None = the base model)."""
+        stream, each with its own adapter (None = the base model) and output
+        constraint (`guides`, structured outputs; None = free text)."""
         n = len(prompts)
         samplings = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * n
         adapters = adapters or [None] * n
-        if not len(samplings) == len(adapters) == n:
-            raise ValueError("prompts, sampling and adapters must have the same length")
+        guides = guides or [None] * n
+        if not len(samplings) == len(adapters) == len(guides) == n:
+            raise ValueError("prompts, sampling, adapters and guides must have the same length")
+        compiled = [None if g is None else self.compile_guide(g) for g in guides]
         digests = [None if a is None else self.adapters.lookup(a, "adapters").digest for a in adapters]
         ids = []
-        for i, (prompt, params, adapter, digest) in enumerate(zip(prompts, samplings, adapters, digests)):
+        for i, (prompt, params, adapter, digest, guide) in enumerate(
+                zip(prompts, samplings, adapters, digests, compiled)):
             prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            ids.append(self.engine.add_request(prompt_ids, params, digest, f"offline-{i}", adapter))
+            ids.append(self.engine.add_request(prompt_ids, params, digest, f"offline-{i}", adapter, guide))
         results = self.engine.run_to_completion()
         completions = []
         for rid in ids:
@@ -104,6 +122,7 @@ class LLM:
                 token_ids=[t for o in outs for t in o.token_ids],
                 finish_reason=outs[-1].finish_reason,
                 logprobs=[lp for o in outs for lp in o.logprobs],
+                prompt_logprobs=outs[0].prompt_logprobs,
             ))
         return completions
 

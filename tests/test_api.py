@@ -382,7 +382,14 @@ BAD_COMPLETIONS = [
     ({"prompt": [1, -1]}, "prompt"),
     ({"prompt": 12}, None),
     ({"presence_penalty": 0.5}, None),
-    ({"echo": True}, None),
+    ({"guided_json": "{"}, "guided_json"),
+    ({"guided_regex": "("}, "guided_regex"),  # refused by the grammar compiler, not the schema
+    ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs.grammar"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objec"}}}},
+     "response_format.json_schema.schema"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, None),
+    ({"guided_choice": []}, "guided_choice"),
     ({"stream_options": {"include_usage": True}}, None),
 ]
 

@@ -22,15 +22,16 @@ from fastapi.responses import StreamingResponse
 from loramux.adapters_store import arithmetic
 from loramux.adapters_store.peft_format import LoraAdapter
 from loramux.adapters_store.registry import RegisteredAdapter
+from loramux.server.api import tool_calls
 from loramux.server.api.errors import event_for
 from loramux.server.api.protocol import Usage
 from loramux.server.api.state import ServerState
 from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.engine.engine import CheckedRequest, RequestOutput
+from loramux.server.engine.guided import Guide, GuideSpec
 from loramux.server.engine.sampling import SamplingParams
 from loramux.server.errors import Busy, ClientGone, Failed, Invalid, LoramuxError, NotFound
 from loramux.server.metrics import MIX_LABEL, RequestTimer
-from loramux.server.model.loader import chat_token_ids
 
 log = logging.getLogger("loramux.api")
 
@@ -52,6 +53,7 @@ def build_sampling(body, max_tokens: int, logprobs: int | None, seed_offset: int
             ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=body.prompt_logprobs_wanted(),
         )
     except ValueError as exc:
         raise Invalid(str(exc)) from None
@@ -229,20 +231,22 @@ class GenerationService:
             out.append(list(await asyncio.to_thread(self.tokenizer.encode, prompt)))
         return out
 
-    async def encode_chat(self, body, add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+    async def encode_chat(self, body, add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                          tools: list[dict] | None = None) -> list[int]:
+        """The prompt of `body.messages` through the chat template, showing
+        `tools` (OpenAI function tools) to the model when given (tool_calls.py)."""
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise Invalid("this model has no chat template; use /v1/completions", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        self.check_length(sum(len(m["content"]) for m in messages), "messages")
+        self.check_length(tool_calls.conversation_chars(body.messages, tools), "messages")
         try:
-            return await asyncio.to_thread(chat_token_ids, tokenizer, messages, add_generation_prompt,
-                                           add_special_tokens)
+            return await asyncio.to_thread(tool_calls.render_chat_ids, tokenizer, body.messages, tools,
+                                           add_generation_prompt, add_special_tokens)
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise Invalid(f"the chat template rejected the messages: {type(exc).__name__}", "messages") from None
 
     def plan(self, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-             adapter: RegisteredAdapter | None) -> list[Job]:
+             adapter: RegisteredAdapter | None, guide: Guide | None = None) -> list[Job]:
         """The engine requests of one HTTP request, each checked; Busy before
         anything is built when the waiting queue cannot take them."""
         if body.adapters and adapter is not None:
@@ -254,21 +258,29 @@ class GenerationService:
                 limit = max_tokens if max_tokens is not None else \
                     max(1, min(self.context_len, self.kv_tokens) - len(ids))
                 sampling = build_sampling(body, limit, logprobs, k)
-                jobs.append(Job(len(jobs), p, self.core.check_request(ids, sampling, digest, label)))
+                jobs.append(Job(len(jobs), p, self.core.check_request(ids, sampling, digest, label, guide)))
         if self.engine.num_waiting() + len(jobs) > self.core.config.max_waiting:
             raise Busy("the server is busy: too many requests waiting", code="queue_full")
         return jobs
 
     async def start(self, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-                    adapter: RegisteredAdapter | None) -> Generation:
-        """Plan, take the mix lease if the body asks for a mix (after the queue
-        check, so a refused request builds nothing), and start every choice."""
-        jobs = self.plan(body, prompts, max_tokens, logprobs, adapter)
+                    adapter: RegisteredAdapter | None, guide: GuideSpec | None = None) -> Generation:
+        """Compile the output constraint `guide` if there is one (awaited off
+        the engine: the batch goes on meanwhile), plan, take the mix lease if
+        the body asks for a mix (after the queue check, so a refused request
+        builds nothing), and start every choice."""
+        compiled = await self.compile_guide(guide) if guide is not None else None
+        jobs = self.plan(body, prompts, max_tokens, logprobs, adapter, compiled)
         lease = await self.hold_mix(body)
         if lease is not None:  # the choices were checked on the base model; they run on the mix
             jobs = [replace(j, checked=replace(j.checked, adapter_digest=lease.digest, adapter_label=MIX_LABEL))
                     for j in jobs]
         return Generation(jobs, Fanout(self.state, jobs), lease)
+
+    async def compile_guide(self, spec: GuideSpec) -> Guide:
+        if self.state.guides is None:
+            raise Invalid("structured outputs need the model's tokenizer; this model has none", spec.param)
+        return await self.state.guides.compile(spec)
 
     # -- outputs ------------------------------------------------------------------
 

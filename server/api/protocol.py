@@ -3,15 +3,17 @@
 Request models check ranges and types (a failure is a 400 in OpenAI's error
 shape, see api.py); they ignore fields they do not know, as vLLM does, but
 refuse the known OpenAI fields we do not implement when they ask for
-something (echo, best_of > n, penalties, logit_bias, tools), rather than
+something (best_of > n, penalties, logit_bias), rather than
 silently serving a different request.
 """
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from loramux.adapters_store.arithmetic import MAX_ADAPTER_WEIGHT
 from loramux.server.engine.sampling import MAX_STOP_STRINGS
@@ -29,6 +31,13 @@ _STRICT = ConfigDict(extra="ignore", allow_inf_nan=False)
 # ---------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------
+
+def _field_error(field: str, value, message: str) -> ValidationError:
+    """A model validator's refusal that names `field` (the 400's param), where a
+    check needs two fields and a ValueError would name the body."""
+    return ValidationError.from_exception_data("request", [InitErrorDetails(
+        type=PydanticCustomError("value_error", message), loc=(field,), input=value)])
+
 
 class ErrorInfo(BaseModel):
     message: str
@@ -58,6 +67,83 @@ class AdapterWeight(BaseModel):
     weight: float = Field(1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
 
 
+MAX_CHOICES = 4096  # strings in a `choice` constraint
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # `schema` shadows a BaseModel method
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs `json_schema`")
+        return self
+
+
+def _schema_object(v):
+    """A JSON schema given as an object or as JSON text -> the object."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise ValueError("the JSON schema is not valid JSON") from None
+    if not isinstance(v, dict):
+        raise ValueError("the JSON schema must be a JSON object")
+    return v
+
+
+def _choices(v):
+    if v is not None and not 1 <= len(v) <= MAX_CHOICES:
+        raise ValueError(f"a choice needs 1 to {MAX_CHOICES} strings")
+    return v
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    model_config = _STRICT
+
+    json_: Any = Field(None, alias="json")  # a schema object, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _json(cls, v):
+        return None if v is None else _schema_object(v)
+
+    @field_validator("choice")
+    @classmethod
+    def _choice(cls, v):
+        return _choices(v)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+
 class _SamplingFields(BaseModel):
     """Fields completions and chat share (OpenAI's names and defaults)."""
 
@@ -81,9 +167,47 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # range: Engine.check_request
+    # each prompt token's logprob and rank plus this many alternatives (vLLM's
+    # field; its -1, the whole vocabulary, is refused)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # loramux extension: serve this request with Σ weight_i · ΔW_i of these
     # adapters (ranks concatenated); `model` then names the base model
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_MIX)
+    # structured outputs (server/api/structured.py): OpenAI's response_format,
+    # vLLM's structured_outputs, and vLLM's older guided_* fields; one at most
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Any = None  # a schema object, or its JSON text (_schema_object)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_json(cls, v):
+        return None if v is None else _schema_object(v)
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _guided_choice(cls, v):
+        return _choices(v)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is not None and v.json_schema is not None:
+            v.json_schema.schema_ = _schema_object(v.json_schema.schema_)
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [k for k in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, k) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"send at most one output constraint; got {', '.join(given)}")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -111,6 +235,16 @@ class _SamplingFields(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self):
+        if self.stream and self.prompt_logprobs:  # as vLLM: 0 is allowed and streams nothing extra
+            raise ValueError("prompt_logprobs are not available when stream is true")
+        return self
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """The engine's SamplingParams.prompt_logprobs for this body."""
+        return self.prompt_logprobs
+
 
 # ---------------------------------------------------------------------------
 # /v1/completions
@@ -121,7 +255,7 @@ TokenIds = Annotated[list[int], Field(min_length=1)]
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, which then returns just the prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -138,13 +272,22 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _completion_only(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise _field_error("max_tokens", 0, "max_tokens must be at least 1 (0 only with echo)")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only equal to n)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        # echo with logprobs reports the prompt's logprobs too (vLLM, OpenAI's legacy API)
+        return self.logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
+
+    def engine_max_tokens(self) -> int | None:
+        """max_tokens for the engine: echo with max_tokens 0 generates one token
+        nobody sees (vLLM does the same), since a prompt's logprobs come from its prefill."""
+        return 1 if self.max_tokens == 0 else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (each text or token ids)."""
@@ -163,11 +306,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class RankedLogprob(BaseModel):
+    """vLLM's Logprob: one token of a prompt_logprobs position."""
+
+    logprob: float
+    rank: int | None = None  # among the vocabulary, 1 = the most likely
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else
+# {str(token id): RankedLogprob}: the prompt token first, then the top k
+PromptLogprobs = list[dict[str, RankedLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -196,12 +353,95 @@ class ContentPart(BaseModel):
     text: str
 
 
+# -- tools (function calling; server/api/tool_calls.py does the work) ---------
+
+MAX_TOOLS = 128  # OpenAI's limit on `tools`
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of an object; None: no arguments
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind is not None and kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise ValueError("a function's parameters must be a JSON schema of type object")
+        for key, want, json_name in (("properties", dict, "object"), ("required", list, "array"),
+                                     ("$defs", dict, "object")):
+            if key in v and not isinstance(v[key], want):
+                raise ValueError(f"`{key}` in a function's parameters must be a JSON {json_name}")
+        if not all(isinstance(k, str) for k in v.get("required", [])):
+            raise ValueError("`required` in a function's parameters must list property names")
+        if not all(isinstance(s, (dict, bool)) for s in v.get("properties", {}).values()):
+            raise ValueError("each property in a function's parameters must be a JSON schema")
+        return v
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}: call this one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """One piece of a streamed tool call: the first carries id, type and name
+    (arguments ""), the later ones argument text; `index` says which call."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools (other roles: ignored)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -214,15 +454,35 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    # None: "auto" with tools, "none" without (OpenAI's and vLLM's defaults)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        if v is not None and not v:
+            raise ValueError("`tools` must not be an empty array; omit it to send no tools")
+        names = [t.function.name for t in v or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("two tools have the same function name")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v, info):
+        if "tools" not in info.data:  # `tools` itself was refused
+            return v
+        tools = info.data["tools"]
+        if v not in (None, "none") and not tools:
+            raise ValueError("tool_choice needs `tools`")
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names the function `{v.function.name}`, which is not in `tools`")
+        return v
 
     @model_validator(mode="after")
     def _chat_only(self):
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -248,6 +508,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -264,11 +525,13 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM: the (one) prompt's, at the top
 
 
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -386,6 +649,16 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: the tokenizer's configuration, as tokenizer_config.json
+    holds it (vLLM's shape; lm-eval's remote tokenizer reads eos_token,
+    bos_token, pad_token and chat_template)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str
 
 
 class DetokenizeRequest(BaseModel):

@@ -1,8 +1,10 @@
-"""vLLM's tokenizer routes: POST /tokenize and POST /detokenize.
+"""vLLM's tokenizer routes: POST /tokenize, POST /detokenize, GET /tokenizer_info.
 
 Adapters share the base model's tokenizer, so `model` (optional) only has to
 name the base model or a registered adapter. Tokenizing runs in a thread,
 under the same length precheck as generation (server/api/generation.py).
+The three are what lm-eval's remote tokenizer (`tokenizer_backend=remote`,
+chosen by itself when /tokenizer_info answers) calls.
 """
 from __future__ import annotations
 
@@ -12,8 +14,31 @@ from fastapi import APIRouter
 
 from loramux.server.api.generation import GenerationService
 from loramux.server.api.protocol import DetokenizeRequest, DetokenizeResponse, ErrorResponse, TokenizeRequest, \
-    TokenizeResponse
+    TokenizeResponse, TokenizerInfoResponse
 from loramux.server.errors import Invalid
+
+
+def _json_value(value):
+    # AddedToken -> its text; dicts (added_tokens_decoder's int keys) and lists recursively
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def tokenizer_info(tokenizer) -> dict:
+    """vLLM's /tokenizer_info body: the tokenizer's init kwargs made JSON
+    (file paths left out: they are the server's), its class, and the chat
+    template the server applies."""
+    config = {k: _json_value(v) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+              if not k.endswith("_file") and k != "name_or_path"}
+    config["tokenizer_class"] = type(tokenizer).__name__
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    return config
 
 
 def tokenizer_router(service: GenerationService) -> APIRouter:
@@ -52,5 +77,13 @@ def tokenizer_router(service: GenerationService) -> APIRouter:
             return tok.decode(body.tokens)
 
         return DetokenizeResponse(prompt=await asyncio.to_thread(decode))
+
+    info = tokenizer_info(service.tokenizer) if service.tokenizer is not None else None  # fixed: built once
+
+    @router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+    async def get_tokenizer_info():
+        if info is None:
+            raise Invalid("this model has no tokenizer")
+        return info
 
     return router

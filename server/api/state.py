@@ -12,7 +12,8 @@ from loramux.adapters_store.store import AdapterStore
 from loramux.server.api.protocol import AdapterInfo
 from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.engine.engine import Engine
-from loramux.server.metrics import Metrics
+from loramux.server.engine.grammar_compiler import DEFAULT_TIMEOUT_S, GrammarCompiler
+from loramux.server.metrics import KVCacheInfo, Metrics
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ServerSettings:
     max_upload_bytes: int = 512 * 2**20
     max_request_bytes: int = 16 * 2**20  # any other request body
     health_timeout_s: float = 60.0  # /health fails when the engine loop is silent this long
+    grammar_timeout_s: float = DEFAULT_TIMEOUT_S  # a structured-output spec that compiles longer: 400
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ServerState:
     adapters: AdapterRegistry  # the names requests may use (entries' info: AdapterInfo)
     settings: ServerSettings
     metrics: Metrics
+    guides: GrammarCompiler | None  # compiles structured-output specs; None: the model has no tokenizer
     draining: bool = False
     inflight: int = 0  # HTTP requests being served (streams included)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -43,8 +46,20 @@ class ServerState:
         """The state of a server over `engine`: an empty registry over its
         adapter pool, metrics fed by every step, and the engine's thread."""
         registry = AdapterRegistry(engine.adapters)
-        metrics = Metrics(engine.config.max_loras_per_batch, registry)
-        return cls(AsyncEngine(engine, on_step=metrics.on_step), store, registry, settings, metrics)
+        kv_cache = KVCacheInfo(engine.allocator.block_size, engine.allocator.num_blocks, engine.config.dtype)
+        metrics = Metrics(engine.config.max_loras_per_batch, registry, kv_cache)
+        guides = None
+        if engine.tokenizer is not None:
+            cfg = engine.model.cfg
+            guides = GrammarCompiler.for_tokenizer(engine.tokenizer, cfg.vocab_size, cfg.eos_token_ids,
+                                                   timeout_s=settings.grammar_timeout_s)
+        return cls(AsyncEngine(engine, on_step=metrics.on_step), store, registry, settings, metrics, guides)
+
+    def close(self) -> None:
+        """Stop the engine thread and the grammar workers."""
+        self.engine.shutdown()
+        if self.guides is not None:
+            self.guides.close()
 
 
 def adapter_info(adapter: LoraAdapter, sha256: str, size: int, created: int, source: str) -> AdapterInfo:

@@ -17,9 +17,10 @@ from loramux.adapters_store.pool import AdapterGone, AdapterPool
 from loramux.server.config import EngineConfig
 from loramux.server.errors import Failed, Invalid
 from loramux.server.engine.detokenizer import IncrementalDetokenizer
+from loramux.server.engine.guided import Guide, GuideMasks, GuideMatcher
 from loramux.server.engine.kv_cache import BlockAllocator
 from loramux.server.model.kv_tensors import KVCache
-from loramux.server.model.runner import ModelRunner, SeqChunk
+from loramux.server.model.runner import ModelRunner, PromptLogprob, PromptScoring, SeqChunk
 from loramux.server.engine.request import Request, RequestStatus
 from loramux.server.engine.sampling import Sampled, SampleFailed, SampleState, SamplingParams, sample
 from loramux.server.engine.scheduler import ScheduledChunk, Scheduler
@@ -52,6 +53,10 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # set, with finish_reason "error", when the engine failed this request
+    # On a request's first output when its sampling asks for prompt_logprobs: one
+    # entry per prompt token, entry i scoring prompt token i given the ones
+    # before it; entry 0 is None (nothing precedes the first token).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class CheckedRequest:
     # What the caller calls those weights, echoed in outputs for its metrics
     # (the API: the adapter's name, or "mix"); the engine never reads it.
     adapter_label: str | None = None
+    guide: Guide | None = None  # the grammar its output must match (structured outputs)
 
 
 @dataclass
@@ -76,7 +82,14 @@ class _Generation:
     detok: IncrementalDetokenizer | None
     sampler: SampleState
     stop_ids: frozenset[int]
+    matcher: GuideMatcher | None = None  # where a guided request stands in its grammar
     arrival_time: float = field(default_factory=time.monotonic)
+    # The prompt logprobs so far (entry 0 None, entry j+1 from position j), while
+    # the request asks for them and they are not delivered yet; else None.
+    prompt_logprobs: list[PromptLogprob | None] | None = field(init=False)
+
+    def __post_init__(self):
+        self.prompt_logprobs = [None] if self.request.sampling.prompt_logprobs is not None else None
 
 
 class Engine:
@@ -108,7 +121,7 @@ class Engine:
     # -- requests -------------------------------------------------------------
 
     def check_request(self, prompt_ids: list[int], sampling: SamplingParams, adapter_digest: str | None = None,
-                      adapter_label: str | None = None) -> CheckedRequest:
+                      adapter_label: str | None = None, guide: Guide | None = None) -> CheckedRequest:
         """The request, checked; RequestError (or AdapterGone) for one that can never be served.
         Reads only fixed sizes and the (thread-safe) pool, so the API calls it
         on the event loop, before anything reaches the engine thread."""
@@ -134,7 +147,7 @@ class Engine:
             raise RequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if adapter_digest is not None and adapter_digest not in self.adapters:
             raise AdapterGone("the adapter does not exist", "model", "model_not_found")
-        return CheckedRequest(list(prompt_ids), sampling, adapter_digest, adapter_label)
+        return CheckedRequest(list(prompt_ids), sampling, adapter_digest, adapter_label, guide)
 
     def add_request(
         self,
@@ -143,9 +156,10 @@ class Engine:
         adapter_digest: str | None = None,
         request_id: str | None = None,
         adapter_label: str | None = None,
+        guide: Guide | None = None,
     ) -> str:
         """Check and admit a request (the offline API's edge); its id."""
-        return self.admit(self.check_request(prompt_ids, sampling, adapter_digest, adapter_label), request_id)
+        return self.admit(self.check_request(prompt_ids, sampling, adapter_digest, adapter_label, guide), request_id)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -173,8 +187,9 @@ class Engine:
             IncrementalDetokenizer(self.tokenizer, request.prompt_ids, sampling.stop)
             if self.tokenizer is not None else None
         )
+        matcher = checked.guide.matcher() if checked.guide is not None else None
         self._gens[request_id] = _Generation(request, checked.adapter_label, detok,
-                                             SampleState.for_params(sampling, self.model.device), stop_ids)
+                                             SampleState.for_params(sampling, self.model.device), stop_ids, matcher)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -225,7 +240,11 @@ class Engine:
         chunks = [c for c in out.chunks if c.request.status is RequestStatus.RUNNING]
         logits, sampled_chunks = self._forward(chunks, slots, failed)
         self.scheduler.update_after_step(out)  # skips the requests failed above
-        return failed + self._postprocess(sampled_chunks, logits)
+        prompt_logprobs = self._take_prompt_logprobs(sampled_chunks)
+        outputs = failed + self._postprocess(sampled_chunks, logits)
+        for o in outputs:
+            o.prompt_logprobs = prompt_logprobs.get(o.request_id)
+        return outputs
 
     def _make_resident(self, digests: list[str], in_use: frozenset[str]) -> tuple[dict[str, int], list[RequestOutput]]:
         """Slots of the step's adapters. An adapter that cannot be made
@@ -252,18 +271,24 @@ class Engine:
         raises, each half is run alone, recursively: the chunks that raise on
         their own are failed (appended to `failed`), the others keep the
         logits of the part they ran in."""
-        seqs = [SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter_digest, -1), c.samples)
+        seqs = [SeqChunk(c.token_ids, c.start, c.request.block_ids, slots.get(c.adapter_digest, -1), c.samples,
+                         self._prompt_scoring(c))
                 for c in chunks]
         sampled = [c for c in chunks if c.samples]
         if not seqs:
             return torch.empty(0), []
         try:
-            return self.runner.run(seqs), sampled
+            logits, scores = self._run(seqs)
         except Exception:
             log.exception("a forward pass of %d chunks failed; isolating the culprit", len(seqs))
+        else:
+            self._collect_prompt_logprobs(dict(enumerate(scores)), chunks)
+            return logits, sampled
         rows: dict[int, torch.Tensor] = {}
         culprits: list[int] = []
-        self._bisect(list(range(len(seqs))), seqs, rows, culprits, whole_failed=True)
+        got: dict[int, list[PromptLogprob]] = {}
+        self._bisect(list(range(len(seqs))), seqs, rows, culprits, got, whole_failed=True)
+        self._collect_prompt_logprobs(got, chunks)
         for i in culprits:
             failed.append(self._fail(chunks[i].request, "the forward pass failed on this request"))
         keep = [i for i, c in enumerate(chunks) if c.samples and i in rows]
@@ -272,21 +297,74 @@ class Engine:
         return torch.stack([rows[i] for i in keep]), [chunks[i] for i in keep]
 
     def _bisect(self, idx: list[int], seqs: list[SeqChunk], rows: dict[int, torch.Tensor],
-                culprits: list[int], whole_failed: bool = False) -> None:
+                culprits: list[int], scores: dict[int, list[PromptLogprob]], whole_failed: bool = False) -> None:
         if not whole_failed:
             try:
-                logits = self.runner.run([seqs[i] for i in idx])
+                logits, got = self._run([seqs[i] for i in idx])
             except Exception:
                 pass
             else:
                 rows.update(zip([i for i in idx if seqs[i].wants_logits], logits))
+                scores.update((i, s) for i, s in zip(idx, got) if s is not None)
                 return
         if len(idx) == 1:
             culprits.append(idx[0])
             return
         half = len(idx) // 2
-        self._bisect(idx[:half], seqs, rows, culprits)
-        self._bisect(idx[half:], seqs, rows, culprits)
+        self._bisect(idx[:half], seqs, rows, culprits, scores)
+        self._bisect(idx[half:], seqs, rows, culprits, scores)
+
+    def _run(self, seqs: list[SeqChunk]) -> tuple[torch.Tensor, list[list[PromptLogprob] | None]]:
+        """(logits [N, V], each chunk's prompt logprobs or None). A batch in
+        which no chunk scores its prompt runs as it always has (runner.run);
+        one that does runs run_scoring, whose logits are the same bit for bit."""
+        if any(s.scoring is not None for s in seqs):
+            return self.runner.run_scoring(seqs)
+        return self.runner.run(seqs), [None] * len(seqs)
+
+    # -- prompt logprobs --------------------------------------------------------
+    #
+    # Position p of a sequence predicts token p + 1, so a prompt of P tokens has
+    # P - 1 scored positions, 0 .. P - 2, gathered over the prefill's chunks:
+    #
+    #   prompt   p0 p1 p2 p3 p4 p5 | o0        P = 6
+    #   chunks   [  c1  ][  c2  ]              c1 scores 0..2 (targets p1..p3),
+    #   entries  None e1 e2 e3 e4 e5           c2 scores 3..4 (p4, p5); 5 predicts o0
+    #
+    # The next position to score is len(entries) - 1. A preempted request
+    # recomputes from position 0; positions it scored already are not scored
+    # again. The entries go out once, on the request's first output.
+
+    def _prompt_scoring(self, c: ScheduledChunk) -> PromptScoring | None:
+        entries = self._gens[c.request.request_id].prompt_logprobs
+        if entries is None:
+            return None
+        prompt = c.request.prompt_ids
+        lo = max(c.start, len(entries) - 1)
+        hi = min(c.start + c.num_tokens, len(prompt) - 1)
+        if lo >= hi:
+            return None
+        return PromptScoring(lo - c.start, tuple(prompt[lo + 1:hi + 1]), c.request.sampling.prompt_logprobs)
+
+    def _collect_prompt_logprobs(self, scores: dict[int, list[PromptLogprob] | None],
+                                 chunks: list[ScheduledChunk]) -> None:
+        # scores: chunk index -> the PromptLogprobs of its scoring
+        for i, got in scores.items():
+            g = self._gens.get(chunks[i].request.request_id)
+            if got is not None and g is not None and g.prompt_logprobs is not None:
+                g.prompt_logprobs.extend(got)
+
+    def _take_prompt_logprobs(self, sampled: list[ScheduledChunk]) -> dict[str, list[PromptLogprob | None]]:
+        """request id -> its prompt logprobs, for the requests about to produce
+        their first output (complete: a chunk samples only after the whole
+        prompt ran); they are not gathered again, even after a preemption."""
+        taken = {}
+        for c in sampled:
+            g = self._gens.get(c.request.request_id)
+            entries = g.prompt_logprobs if g is not None else None
+            if entries is not None and len(entries) == c.request.num_prompt_tokens:
+                taken[c.request.request_id], g.prompt_logprobs = entries, None
+        return taken
 
     def _fail(self, request: Request, reason: str) -> RequestOutput:
         """End `request` now (blocks and adapter reference freed) with an error output."""
@@ -306,13 +384,16 @@ class Engine:
         gens = [self._gens[c.request.request_id] for c in chunks]
         if not gens:
             return []
-        # EOS may not end a request before min_tokens
+        # EOS may not end a request before min_tokens; a guided request's
+        # grammar alone decides where its output may end
         suppress = [
-            tuple(g.stop_ids) if len(g.request.output_ids) < g.request.sampling.min_tokens else ()
-            for g in gens
+            tuple(g.stop_ids) if len(g.request.output_ids) < g.request.sampling.min_tokens and g.matcher is None
+            else () for g in gens
         ]
+        matchers = [g.matcher for g in gens]
         try:
-            sampled = sample(logits, [g.request.sampling for g in gens], [g.sampler for g in gens], suppress)
+            masks = GuideMasks(matchers, logits.shape[-1]) if any(m is not None for m in matchers) else None
+            sampled = sample(logits, [g.request.sampling for g in gens], [g.sampler for g in gens], suppress, masks)
         except Exception:  # a bug in the batched part: sample row by row, so only a failing row fails
             log.exception("sampling a batch of %d rows failed; sampling them one by one", len(gens))
             sampled = [self._sample_one(logits[i:i + 1], g, suppress[i]) for i, g in enumerate(gens)]
@@ -332,17 +413,22 @@ class Engine:
     def _sample_one(row: torch.Tensor, g: _Generation, suppress: tuple[int, ...]) -> Sampled | SampleFailed:
         # row: [1, V]
         try:
-            return sample(row, [g.request.sampling], [g.sampler], [suppress])[0]
+            masks = GuideMasks([g.matcher], row.shape[-1]) if g.matcher is not None else None
+            return sample(row, [g.request.sampling], [g.sampler], [suppress], masks)[0]
         except Exception as exc:
             return SampleFailed(f"sampling failed: {type(exc).__name__}")
 
     def _advance(self, g: _Generation, token: int, logprob: float, top) -> RequestOutput:
         """Append the sampled token; decide whether the request stops."""
         req = g.request
+        if g.matcher is not None and not g.matcher.accept(token):
+            raise RuntimeError(f"token {token} is outside the request's grammar")  # the mask let it through
         text, stopped = g.detok.add(token) if g.detok is not None else ("", False)
         req.output_ids.append(token)
         status = None
         if token in g.stop_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif g.matcher is not None and g.matcher.is_terminated:  # the grammar's end (its stop token)
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
         elif stopped:
             status = RequestStatus.FINISHED_STOPPED

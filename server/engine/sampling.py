@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from loramux.server.engine.guided import GuideMasks
 
 MAX_STOP_STRINGS = 16
 # Below this a temperature is greedy (as vLLM does): dividing logits by a
@@ -24,6 +28,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives to report
+    # Also score the prompt (vLLM's prompt_logprobs): None = off, k = each prompt
+    # token's logprob and rank plus the top k alternatives
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -42,6 +49,8 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError("prompt_logprobs must be between 0 and 20")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError("seed must be a 64-bit integer")
 
@@ -106,9 +115,13 @@ def sample(
     params: list[SamplingParams],
     states: list[SampleState],
     suppress: list[tuple[int, ...]] | None = None,
+    masks: GuideMasks | None = None,
 ) -> list[Sampled | SampleFailed]:
     """One token per row of logits [N, V] (float32); `suppress` lists token
-    ids a row may not produce yet (EOS before min_tokens).
+    ids a row may not produce yet (EOS before min_tokens); `masks` hold the
+    grammar bitmasks of the guided rows (structured outputs). Reported
+    logprobs are those of the logits before the grammar mask (as vLLM's
+    default raw logprobs); the token is sampled after it.
 
     Rows are independent: a row whose logits are not finite (a broken
     adapter), or whose sampling raises, gives SampleFailed and every other
@@ -119,11 +132,15 @@ def sample(
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")
+    reported = logits
+    if masks is not None:
+        logits = logits.clone()  # `reported` keeps the unmasked rows
+        masks.apply(logits)
     # one device -> host transfer for both (a sync on CUDA)
     greedy_tokens, finite = torch.stack([logits.argmax(dim=-1), finite_rows.long()]).tolist()
     # log-softmax over the vocabulary only for the rows that report logprobs
     wants = [i for i, p in enumerate(params) if p.logprobs is not None and finite[i]]
-    logprobs = dict(zip(wants, torch.log_softmax(logits[wants], dim=-1))) if wants else {}
+    logprobs = dict(zip(wants, torch.log_softmax(reported[wants], dim=-1))) if wants else {}
     out: list[Sampled | SampleFailed] = []
     for i, (p, st) in enumerate(zip(params, states)):
         if not finite[i]:

@@ -59,6 +59,9 @@ class ForwardBatch:
     attn: AttentionMetadata
     logits_index: torch.Tensor  # [N] long, tokens whose next-token logits are wanted
     lora: LoraBatch | None = None  # the LoRA backend's metadata; None: no token has an adapter
+    # [R] long, tokens whose final hidden states forward_scoring also returns
+    # (prompt logprobs); None: none, and the batch runs exactly as without it
+    prompt_index: torch.Tensor | None = None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -185,6 +188,54 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv_cache, lora: LoraBackend | None = None) -> torch.Tensor:
         """Next-token logits [N, vocab] (float32) for batch.logits_index; `lora`:
         the backend whose `prepare` made batch.lora (needed when that is set)."""
+        return self._logits(self._hidden(batch, kv_cache, lora)[batch.logits_index])
+
+    @torch.inference_mode()
+    def forward_scoring(self, batch: ForwardBatch, kv_cache, lora: LoraBackend | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the logits `forward` gives, bit for bit: [N, vocab] float32; the final
+        normed hidden states [R, hidden] at batch.prompt_index, for
+        next_token_logprobs). One pass over the layers."""
+        x = self._hidden(batch, kv_cache, lora)
+        logits = self._logits(x[batch.logits_index])  # the very ops forward runs on the very rows
+        return logits, rms_norm(x[batch.prompt_index], self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
+                            rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of `targets` after the normed hidden states `hidden`
+        (forward_scoring's), with each target's rank and the top_k alternatives:
+
+            lp = log_softmax(hidden @ lm_head.T)  # [R, V], never built whole
+            (lp[r, targets[r]], (lp[r] >= lp[r, targets[r]]).sum(), topk(lp[r], top_k))
+
+        The [R, V] float32 log-probabilities exist only `rows` rows at a time (a
+        long prompt would otherwise hold R x V floats). Rank 1 is the most
+        likely token (vLLM's rank: the tokens at least as likely).
+        hidden: [R, hidden]; targets: [R] long -> logprob [R] float32, rank [R]
+        long, top values [R, top_k] float32, top ids [R, top_k] long."""
+        n = hidden.shape[0]
+        dev = hidden.device
+        logprob = torch.empty(n, dtype=torch.float32, device=dev)
+        rank = torch.empty(n, dtype=torch.long, device=dev)
+        top_vals = torch.empty(n, top_k, dtype=torch.float32, device=dev)
+        top_ids = torch.empty(n, top_k, dtype=torch.long, device=dev)
+        for lo in range(0, n, rows):
+            hi = min(lo + rows, n)
+            lp = torch.log_softmax(F.linear(hidden[lo:hi], self.lm_head).float(), dim=-1)  # [r, V]
+            target = lp.gather(1, targets[lo:hi, None])  # [r, 1]
+            logprob[lo:hi] = target[:, 0]
+            rank[lo:hi] = (lp >= target).sum(dim=-1)
+            if top_k:
+                top_vals[lo:hi], top_ids[lo:hi] = torch.topk(lp, top_k, dim=-1)
+        return logprob, rank, top_vals, top_ids
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, hidden] final-layer hidden states -> [N, vocab] float32
+        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+
+    def _hidden(self, batch: ForwardBatch, kv_cache, lora: LoraBackend | None) -> torch.Tensor:
+        """The last layer's output [T, hidden] (before the final norm) of every token."""
         if batch.lora is not None and lora is None:
             raise ValueError("a batch with adapter tokens needs the LoRA backend that prepared it")
         cfg = self.cfg
@@ -204,5 +255,4 @@ class LlamaModel:
             h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)
             gate, up = self._linear(h, i, "gate_up", lora, batch.lora).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, i, "down", lora, batch.lora)
-        x = rms_norm(x[batch.logits_index], self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return x

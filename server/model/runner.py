@@ -10,6 +10,7 @@ metadata. It knows nothing of requests or scheduling; the engine hands it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,12 +21,36 @@ from loramux.server.model.lora_backend import LoraBackend, select_lora_backend
 
 
 @dataclass(frozen=True)
+class PromptScoring:
+    """Score some of a chunk's tokens' successors (prompt logprobs):
+
+        token_ids  [ t0 t1 t2 t3 t4 ]      first = 1, targets = (t2, t3, t4, u0)
+                        ^  ^  ^  ^         position i predicts targets[i - first];
+                                           the last target may be the next chunk's
+                                           first token (u0), which is known already
+    """
+
+    first: int  # index in token_ids of the first scored position
+    targets: tuple[int, ...]  # the token each scored position is scored against
+    top_k: int = 0  # alternatives to report per position
+
+
+class PromptLogprob(NamedTuple):
+    """A scored token: its log-probability given the tokens before it."""
+
+    logprob: float
+    rank: int  # among the vocabulary, 1 = the most likely (vLLM's rank)
+    top: tuple[tuple[int, float], ...]  # the top_k (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class SeqChunk:
     token_ids: list[int]  # the new tokens of this step
     start: int  # position of token_ids[0] in the sequence
     block_ids: list[int]  # the sequence's block table (covers start + len(token_ids))
     slot: int = NO_ADAPTER  # adapter slot in the pool
     wants_logits: bool = True  # sample after this chunk
+    scoring: PromptScoring | None = None  # prompt logprobs of some positions (run_scoring)
 
 
 class ModelRunner:
@@ -51,6 +76,7 @@ class ModelRunner:
         ids, positions, slot_mapping, prefills = [], [], [], []
         decode_idx, decode_ctx, decode_tables = [], [], []
         logits_index, runs = [], []  # runs: [start, len, slot]
+        prompt_index = []
         dev = self.device
         t = 0
         for c in chunks:
@@ -72,6 +98,9 @@ class ModelRunner:
                     prefills.append(PrefillSeq(t, n))
             if c.wants_logits:
                 logits_index.append(t + n - 1)
+            if c.scoring is not None:
+                first = t + c.scoring.first
+                prompt_index.extend(range(first, first + len(c.scoring.targets)))
             if runs and runs[-1][2] == c.slot:
                 runs[-1][1] += n
             else:
@@ -108,8 +137,36 @@ class ModelRunner:
             ),
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
             lora=lora,
+            prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=dev) if prompt_index else None,
         )
 
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Logits [N, vocab] float32 for the chunks that want them, in order."""
+        """Logits [N, vocab] float32 for the chunks that want them, in order.
+        Any `scoring` is ignored: run_scoring computes it."""
         return self.model.forward(self.prepare(chunks), self.kv, self.lora)
+
+    def run_scoring(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, list[list[PromptLogprob] | None]]:
+        """run()'s logits, bit for bit, and each chunk's PromptLogprobs (one
+        per target of its `scoring`; None for a chunk without one), from the
+        same forward pass."""
+        batch = self.prepare(chunks)
+        if batch.prompt_index is None:
+            return self.model.forward(batch, self.kv, self.lora), [None] * len(chunks)
+        logits, hidden = self.model.forward_scoring(batch, self.kv, self.lora)
+        scored = [c.scoring for c in chunks if c.scoring is not None]
+        targets = torch.tensor([t for s in scored for t in s.targets], dtype=torch.long, device=self.device)
+        top_k = max(s.top_k for s in scored)
+        logprob, rank, top_vals, top_ids = self.model.next_token_logprobs(hidden, targets, top_k)
+        # one device -> host copy each
+        logprob, rank, top_vals, top_ids = logprob.tolist(), rank.tolist(), top_vals.tolist(), top_ids.tolist()
+        out: list[list[PromptLogprob] | None] = []
+        r = 0
+        for c in chunks:
+            if c.scoring is None:
+                out.append(None)
+                continue
+            k = c.scoring.top_k
+            out.append([PromptLogprob(logprob[i], rank[i], tuple(zip(top_ids[i][:k], top_vals[i][:k])))
+                        for i in range(r, r + len(c.scoring.targets))])
+            r += len(c.scoring.targets)
+        return logits, out
