@@ -16,7 +16,7 @@ import torch
 from loramux.server.engine.grammar_compiler import GrammarCompiler
 from loramux.server.engine.guided import GuideSpec
 from loramux.server.engine.sampling import SamplingParams
-from loramux.server.errors import Invalid
+from loramux.server.errors import Busy, Invalid
 from loramux.server.llm import LLM
 
 from helpers.schemas import PERSON
@@ -143,13 +143,26 @@ def test_compiler_refuses_bad_and_slow_specs_caches_and_recovers(llm):
         workers = list(compiler._workers)
         with pytest.raises(Invalid, match="took longer"):  # the refusal is cached: no second wait
             await asyncio.wait_for(compiler.compile(GuideSpec.json_schema(slow, "x")), 0.2)
-        after = await compiler.compile(GuideSpec("regex", REGEX, "guided_regex"))  # a fresh worker
-        assert compiler._workers == workers and after.spec.kind == "regex"
-        return after
+        after = await compiler.compile(GuideSpec.json_schema(PERSON, "guided_json"))  # a fresh worker
+        assert compiler._workers == workers and after.allowed is not None
+        # every worker busy for longer than the timeout: Busy, and nothing cached
+        slot = compiler._idle.get_nowait()
+        with pytest.raises(Busy):
+            await compiler.compile(GuideSpec("regex", REGEX, "guided_regex"))
+        compiler._idle.put_nowait(slot)
+        regex = await compiler.compile(GuideSpec("regex", REGEX, "guided_regex"))
+        return (after, regex), list(compiler._workers)
 
     try:
-        guide = asyncio.run(run())
+        guides, workers = asyncio.run(run())
     finally:
         compiler.close()
-    out = llm.generate(["x"], [SamplingParams(max_tokens=16)], [None], [guide.spec])[0]
-    assert re.fullmatch(REGEX, out.text)
+    assert workers and not any(w.alive for w in workers)  # close() stops the worker processes
+    # the grammars that came back from the worker process drive the engine
+    engine = llm.engine
+    ids = [engine.add_request(llm.tokenizer.encode("x"), SamplingParams(max_tokens=64), guide=g) for g in guides]
+    results = engine.run_to_completion()
+    texts = ["".join(o.text for o in results[i]) for i in ids]
+    jsonschema.validate(json.loads(texts[0]), PERSON)
+    assert re.fullmatch(REGEX, texts[1])
+

@@ -148,6 +148,21 @@ def test_streamed_call_shape():
     assert rest and all(p.id is None and p.type is None and p.function.name is None for p in rest)
     assert "".join(p.function.arguments for p in rest) == PARIS[1]
     assert all(not (d.content and d.tool_calls) for d in deltas)
+    # as sent, through the openai client's own stream accumulator (which a
+    # null id/type/name in a later delta breaks)
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk as ClientChunk
+
+    from loramux.server.api.generation import sse
+    from loramux.server.api.protocol import ChatChunkChoice, ChatCompletionChunk
+
+    state = ChatCompletionStreamState()
+    for d in deltas:
+        line = sse(ChatCompletionChunk(id="c", created=0, model="m", choices=[ChatChunkChoice(index=0, delta=d)]))
+        state.handle_chunk(ClientChunk.model_validate_json(line.removeprefix("data: ")))
+    call = state.current_completion_snapshot.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.id == first.id and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == json.loads(PARIS[1])
 
 
 REQUIRED = ('[{"name": "get_weather", "parameters": {"city": "Pa\\"r}is", "unit": "celsius"}},  '

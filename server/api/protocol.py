@@ -12,7 +12,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from loramux.adapters_store.arithmetic import MAX_ADAPTER_WEIGHT
@@ -419,12 +419,21 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class DeltaFunctionCall(BaseModel):
+class _OmitsUnset(BaseModel):
+    """Serialized without its None fields: a client that merges stream deltas
+    (the openai client's stream helper) would take a null for a new value."""
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_OmitsUnset):
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_OmitsUnset):
     """One piece of a streamed tool call: the first carries id, type and name
     (arguments ""), the later ones argument text; `index` says which call."""
 

@@ -106,13 +106,16 @@ def chat_logprobs(gen: GenerationService, outs: list[RequestOutput]) -> ChoiceLo
     return ChoiceLogprobs(content=content)
 
 
-async def _respond(service: GenerationService, request: Request, body, start, stream, collect):
-    """Start the generation; hand it to `stream` (which then owns its release)
-    or collect it and format with `collect`."""
-    gen: Generation = await start
+async def _respond(service: GenerationService, request: Request, body, gen: Generation, stream, collect):
+    """Hand the generation to `stream` (which then owns its release), or
+    collect it and format with `collect`: in a thread when that formats
+    prompt logprobs (thousands of token strings to decode, not on the loop)."""
     if body.stream:
         return service.stream(gen, stream(gen))
-    return collect(gen, await service.collect(request, gen))
+    results = await service.collect(request, gen)
+    if body.prompt_logprobs_wanted() is not None:
+        return await asyncio.to_thread(collect, gen, results)
+    return collect(gen, results)
 
 
 def openai_router(state: ServerState, service: GenerationService) -> APIRouter:
@@ -127,7 +130,6 @@ def openai_router(state: ServerState, service: GenerationService) -> APIRouter:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         want_lp = body.logprobs is not None
         only_prompt = body.echo and body.max_tokens == 0  # the one token the engine generates is not shown
-        scores_prompt = body.prompt_logprobs_wanted() is not None
 
         def choice(gen: Generation, i: int, outs: list[RequestOutput], offset: int, head: bool,
                    finish_reason: str | None) -> CompletionChoice:
@@ -168,11 +170,7 @@ def openai_router(state: ServerState, service: GenerationService) -> APIRouter:
                                       usage=gen.usage(last_outputs(results)))
 
         gen = await service.start(body, ids, body.engine_max_tokens(), body.logprobs, adapter, guide_for(body))
-        if body.stream:
-            return service.stream(gen, stream(gen))
-        results = await service.collect(request, gen)
-        # a prompt's logprobs are thousands of token strings to decode: not on the event loop
-        return await asyncio.to_thread(collect, gen, results) if scores_prompt else collect(gen, results)
+        return await _respond(service, request, body, gen, stream, collect)
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -222,8 +220,8 @@ def openai_router(state: ServerState, service: GenerationService) -> APIRouter:
                                           prompt_logprobs=prompt_logprobs_json(  # vLLM: the prompt's, once
                                               service, gen.jobs[0].prompt_ids, results[0][0].prompt_logprobs))
 
-        start = service.start(body, [ids], body.token_limit(), logprobs, adapter, guide=guide)
-        return await _respond(service, request, body, start, stream, collect)
+        gen = await service.start(body, [ids], body.token_limit(), logprobs, adapter, guide=guide)
+        return await _respond(service, request, body, gen, stream, collect)
 
     @router.get("/v1/models", response_model=ModelList)
     async def models():

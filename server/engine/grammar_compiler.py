@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import re
+import time
 import threading
 from collections import OrderedDict
 from typing import Callable
 
 from loramux.server.engine.guided import JSON_KINDS, Guide, GuideSpec, choice_grammar, control_free_tokens
-from loramux.server.errors import Invalid
+from loramux.server.errors import Busy, Failed, Invalid
 
 log = logging.getLogger("loramux.guided")
 
@@ -34,6 +36,7 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_CACHE_SIZE = 256
 DEFAULT_WORKERS = 1
 WORKER_START_TIMEOUT_S = 120.0  # a cold start imports torch and xgrammar
+TIMEOUT_REFUSAL_TTL_S = 300.0  # how long a spec refused for time stays refused without another try
 # xgrammar's messages start with a time stamp and a C++ source location
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
@@ -166,12 +169,14 @@ class GrammarCompiler:
         self._json_tokens = None  # control_free_tokens(info), for JSON guides
         self.timeout_s = timeout_s
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str], Guide | Invalid] = OrderedDict()
+        # key -> (result, monotonic time it expires): refusals for time expire
+        self._cache: OrderedDict[tuple[str, str], tuple[Guide | Invalid, float]] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
         self._num_workers = workers
         self._idle: asyncio.Queue | None = None  # made on first use, in the event loop
         self._workers: list[_Worker] = []
-        self._setup_lock = threading.Lock()
+        self._setup_lock = threading.Lock()  # the tokenizer info, once; the worker list
+        self._closed = False
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, stop_token_ids, **options) -> "GrammarCompiler":
@@ -181,32 +186,56 @@ class GrammarCompiler:
 
     async def compile(self, spec: GuideSpec) -> Guide:
         """The spec's Guide; Invalid (naming spec.param) for a spec that does
-        not compile or takes longer than the timeout."""
+        not compile or takes longer than the timeout, Busy when no worker
+        frees up within the timeout."""
         key = spec.key
-        cached = self._cache.get(key)
+        cached = self._cached(key)
         if cached is None:
             pending = self._inflight.get(key)
             if pending is None:
                 pending = self._inflight[key] = asyncio.ensure_future(self._compile_once(spec))
-                pending.add_done_callback(lambda _f: self._inflight.pop(key, None))
-            cached = await asyncio.shield(pending)
-        else:
-            self._cache.move_to_end(key)
+                pending.add_done_callback(lambda f: self._settled(key, f))
+            cached = await asyncio.shield(pending)  # a client that leaves does not cancel the others' compile
         if isinstance(cached, Invalid):
             raise Invalid(cached.message, spec.param, cached.code)
         return Guide(spec, cached.compiled, cached.allowed)
+
+    def _cached(self, key: tuple[str, str]) -> Guide | Invalid | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        result, expires = entry
+        if time.monotonic() > expires:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return result
+
+    def _settled(self, key: tuple[str, str], future: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: no "never retrieved" warning when every waiter left
 
     async def _compile_once(self, spec: GuideSpec) -> Guide | Invalid:
         if self._idle is None:
             self._idle = asyncio.Queue()
             for _ in range(self._num_workers):
                 self._idle.put_nowait(None)  # None: a worker slot whose process starts on first use
-        worker = await self._idle.get()
+        try:  # the wait for a worker is bounded too: slow specs ahead must not hold everyone
+            worker = await asyncio.wait_for(self._idle.get(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise Busy("the grammar compiler is busy with other requests; retry later", spec.param,
+                       "grammar_compiler_busy") from None
         try:
             worker, result = await asyncio.to_thread(self._run, worker, spec)
+        except Exception:
+            log.exception("compiling a %s failed", spec.kind)
+            raise Failed("the grammar compiler failed", spec.param, "grammar_compiler_failed") from None
         finally:
             self._idle.put_nowait(worker)
-        self._cache[spec.key] = result
+        timed_out = isinstance(result, Invalid) and result.code == "grammar_too_complex"
+        # a refusal for time may be the machine's load: the spec is tried again after a while
+        self._cache[spec.key] = result, time.monotonic() + TIMEOUT_REFUSAL_TTL_S if timed_out else math.inf
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return result
@@ -214,7 +243,7 @@ class GrammarCompiler:
     def _run(self, worker: _Worker | None, spec: GuideSpec) -> tuple[_Worker | None, Guide | Invalid]:
         """In a thread: compile `spec` in `worker` (started if need be); the
         worker to reuse next and the result."""
-        if self.info is None:  # the first compile (one at a time while workers == 1)
+        if self.info is None:  # the first compile
             with self._setup_lock:
                 if self.info is None:
                     info = self._make_info()
@@ -223,14 +252,18 @@ class GrammarCompiler:
                     self.info = info
         if worker is None or not worker.alive:
             worker = self._start_worker()
-        worker.wait_ready()
+        try:
+            worker.wait_ready()
+        except RuntimeError:
+            self._forget(worker)
+            raise
         answer = worker.roundtrip(spec.kind, spec.value, self.timeout_s)
         if answer is None:
-            self._workers.remove(worker)
+            self._forget(worker)
             log.warning("a %s took longer than %.1fs to compile; refused", spec.kind, self.timeout_s)
-            # its successor starts now, importing while nobody waits for it
-            return self._start_worker(), Invalid(f"the {spec.kind} took longer than {self.timeout_s:g}s to compile; simplify it",
-                                 spec.param, "grammar_too_complex")
+            refusal = Invalid(f"the {spec.kind} took longer than {self.timeout_s:g}s to compile; simplify it",
+                              spec.param, "grammar_too_complex")
+            return self._start_worker(), refusal  # the successor imports while nobody waits for it
         status, payload = answer
         if status != "ok":
             return worker, Invalid(f"invalid {spec.kind}: {payload}", spec.param, "invalid_grammar")
@@ -240,12 +273,23 @@ class GrammarCompiler:
                              self._json_tokens if spec.kind in JSON_KINDS else None)
 
     def _start_worker(self) -> _Worker:
-        worker = _Worker(self._info_json)
-        self._workers.append(worker)
+        with self._setup_lock:
+            if self._closed:
+                raise RuntimeError("the grammar compiler is closed")
+            worker = _Worker(self._info_json)
+            self._workers.append(worker)
         return worker
 
+    def _forget(self, worker: _Worker) -> None:
+        worker.close()
+        with self._setup_lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+
     def close(self) -> None:
-        """Stop the worker processes (at shutdown)."""
-        for worker in self._workers:
+        """Stop the worker processes (at shutdown); none starts after this."""
+        with self._setup_lock:
+            self._closed = True
+            workers, self._workers = self._workers, []
+        for worker in workers:
             worker.close()
-        self._workers.clear()
