@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers.live_server import BASE, KEY, Server, upload_dir
+from helpers.live_server import BASE, KEY, serve_with_adapters
 from helpers.tiny import make_adapter, make_chat_model, peft_model
 
 TASK = "loramux_tiny_mc"
@@ -44,9 +44,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(files):
-    s = Server(files / "base", files / "store")
-    r = upload_dir(s.http, "ad", files / "ad")
-    assert r.status_code == 201, r.text
+    s = serve_with_adapters(files / "base", files / "store", {"ad": files / "ad"})
     yield s
     s.stop()
 

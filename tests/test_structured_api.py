@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 
-from helpers.live_server import BASE, Server, assert_error, assert_serving, make_api_files, upload_dir
+from helpers.live_server import BASE, assert_error, assert_serving, make_api_files, serve_with_adapters
 from helpers.schemas import PERSON
 
 MESSAGES = [{"role": "user", "content": "Describe a customer as JSON."}]
@@ -25,10 +25,8 @@ SLOW = {"type": "object", "required": [f"p{i}" for i in range(400)],
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     files = make_api_files(tmp_path_factory.mktemp("structured_api"))
-    s = Server(files / "base", files / "store", "--grammar-compile-timeout", "3")
-    for name in ("a1", "a2"):
-        r = upload_dir(s.http, name, files / "allowed" / name)
-        assert r.status_code == 201, r.text
+    s = serve_with_adapters(files / "base", files / "store", {n: files / "allowed" / n for n in ("a1", "a2")},
+                            "--grammar-compile-timeout", "3")
     yield s
     s.stop()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from helpers.live_server import BASE, Server, assert_error, assert_serving, make_api_files, upload_dir
+from helpers.live_server import BASE, assert_error, assert_serving, make_api_files, serve_with_adapters
 
 PROMPT = "The quick brown fox jumps"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
@@ -19,9 +19,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(files):
-    s = Server(files / "base", files / "store")
-    r = upload_dir(s.http, "a1", files / "allowed" / "a1")
-    assert r.status_code == 201, r.text
+    s = serve_with_adapters(files / "base", files / "store", {"a1": files / "allowed" / "a1"})
     yield s
     s.stop()
 

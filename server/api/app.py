@@ -10,7 +10,7 @@ Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
 (server/api/errors.py): 400 invalid parameters, 401 API key, 403 adapter path
 outside the allowed roots, 404 unknown model/adapter, 409 duplicate or changed
 adapter, 413 request body over --max-request-bytes (uploads:
---max-upload-bytes), 422 adapter fails validation, 429 waiting queue or mix
+--max-upload-bytes), 422 adapter fails validation, 429 waiting queue, grammar compiler or mix
 budget full, 503 draining or unhealthy, 500 the engine failed this request
 (that request only) or anything unexpected (details only in the log).
 

@@ -123,6 +123,15 @@ def upload_dir(http: httpx.Client, name: str, folder: Path) -> httpx.Response:
                   (folder / "adapter_model.safetensors").read_bytes())
 
 
+def serve_with_adapters(model: Path, adapter_dir: Path, adapters: dict[str, Path], *extra: str) -> Server:
+    """A started server with each adapter folder uploaded under its name."""
+    s = Server(model, adapter_dir, *extra)
+    for name, folder in adapters.items():
+        r = upload_dir(s.http, name, folder)
+        assert r.status_code == 201, r.text
+    return s
+
+
 def make_api_files(root: Path) -> Path:
     """What the HTTP tests serve: a tiny chat model (root/base) and two PEFT
     adapters under root/allowed: a1 (r=8, all seven modules) and a2 (r=4, q,v)."""
