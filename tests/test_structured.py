@@ -166,3 +166,30 @@ def test_compiler_refuses_bad_and_slow_specs_caches_and_recovers(llm):
     jsonschema.validate(json.loads(texts[0]), PERSON)
     assert re.fullmatch(REGEX, texts[1])
 
+
+
+def test_a_grammar_that_fails_fails_only_its_request(llm):
+    """A matcher that raises while filling its mask (a grammar engine bug)
+    ends its own request with an error; a guided and a free neighbour get
+    exactly their tokens of a run without it."""
+    engine = llm.engine
+    choice = llm.compile_guide(GuideSpec("choice", json.dumps(CHOICES), "p"))
+    schema = llm.compile_guide(GuideSpec.json_schema(PERSON, "p"))
+
+    def run(with_broken: bool):
+        ids = [engine.add_request(llm.tokenizer.encode(p), SamplingParams(max_tokens=48, temperature=1.0, seed=s),
+                                  guide=g) for p, s, g in [("a", 1, None), ("b", 2, schema)]]
+        if with_broken:
+            bad = engine.add_request(llm.tokenizer.encode("c"), SamplingParams(max_tokens=48), guide=choice)
+
+            def explode(bitmask, row):
+                raise RuntimeError("matcher bug")
+
+            engine._gens[bad].matcher.fill = explode
+        results = engine.run_to_completion()
+        if with_broken:
+            assert results[bad][-1].finish_reason == "error" and "grammar" in results[bad][-1].error
+        return [[t for o in results[i] for t in o.token_ids] for i in ids]
+
+    assert run(True) == run(False)
+    assert engine.allocator.num_free == engine.allocator.num_blocks

@@ -390,13 +390,14 @@ class Engine:
             tuple(g.stop_ids) if len(g.request.output_ids) < g.request.sampling.min_tokens and g.matcher is None
             else () for g in gens
         ]
-        matchers = [g.matcher for g in gens]
+        masks, broken = self._guide_masks(gens, logits.shape[-1])
         try:
-            masks = GuideMasks(matchers, logits.shape[-1]) if any(m is not None for m in matchers) else None
             sampled = sample(logits, [g.request.sampling for g in gens], [g.sampler for g in gens], suppress, masks)
         except Exception:  # a bug in the batched part: sample row by row, so only a failing row fails
             log.exception("sampling a batch of %d rows failed; sampling them one by one", len(gens))
             sampled = [self._sample_one(logits[i:i + 1], g, suppress[i]) for i, g in enumerate(gens)]
+        for i in broken:
+            sampled[i] = SampleFailed("the request's grammar could not be applied")
         outputs = []
         for g, s in zip(gens, sampled):
             if isinstance(s, SampleFailed):
@@ -408,6 +409,28 @@ class Engine:
                 log.exception("postprocessing request %s failed", g.request.request_id)
                 outputs.append(self._fail(g.request, "the output could not be processed"))
         return outputs
+
+    @staticmethod
+    def _guide_masks(gens: list[_Generation], vocab: int) -> tuple[GuideMasks | None, list[int]]:
+        """The step's grammar bitmasks, and the rows whose matcher failed to
+        fill one (sampled unmasked, then failed alone): every other row is
+        sampled as it would have been without them."""
+        matchers = [g.matcher for g in gens]
+        if all(m is None for m in matchers):
+            return None, []
+        try:
+            return GuideMasks(matchers, vocab), []
+        except Exception:
+            log.exception("filling the grammar masks of a step failed; trying them one by one")
+        broken = []
+        for i, m in enumerate(matchers):
+            if m is not None:
+                try:
+                    GuideMasks([m], vocab)
+                except Exception:
+                    broken.append(i)
+                    matchers[i] = None
+        return (GuideMasks(matchers, vocab) if any(m is not None for m in matchers) else None), broken
 
     @staticmethod
     def _sample_one(row: torch.Tensor, g: _Generation, suppress: tuple[int, ...]) -> Sampled | SampleFailed:
