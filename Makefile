@@ -27,11 +27,11 @@ serve: $(STAMP)
 # tests/test_prometheus.py starts a real Prometheus (Debian's package)
 PROMETHEUS := $(shell command -v prometheus 2>/dev/null)
 
-# the client libraries the tests drive (lm-eval, LangChain); torch stays pinned
+# the client libraries the tests drive (lm-eval, LangChain) and Ray Serve; torch stays pinned
 CLIENTS := $(VENV)/.clients
 
 $(CLIENTS): $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,clients]' $$($(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])")
+	$(BIN)/pip install -q -e '.[dev,clients,ray]' $$($(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])")
 	@touch $(CLIENTS)
 
 test: $(CLIENTS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from loramux.server.engine.grammar_compiler import DEFAULT_TIMEOUT_S
@@ -51,9 +50,6 @@ def _export_merged(args) -> int:
     return 0
 
 
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
-
-
 def _bytes(text: str) -> int:
     """'512M', '2G', '1048576' -> bytes."""
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -67,51 +63,26 @@ def _serve(args) -> int:
     import asyncio
     import logging
     import time
-    from pathlib import Path
 
     import uvicorn
 
-    from loramux.adapters_store.store import AdapterStore
     from loramux.server.api.app import create_app
-    from loramux.server.api.adapter_service import restore_stored
-    from loramux.server.api.state import ServerSettings, ServerState
-    from loramux.server.config import EngineConfig
-    from loramux.server.engine.engine import Engine
-    from loramux.server.llm import load_base, resolve_dtype
+    from loramux.server.assembly import api_key, assemble_state
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loramux.serve")
-    dtype = resolve_dtype(args.dtype, args.device)
-    options = {k: v for k, v in dict(
-        kv_cache_bytes=args.kv_cache_bytes, adapter_pool_bytes=args.adapter_pool_bytes,
-        adapter_host_bytes=args.adapter_host_bytes,
-        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_waiting=args.max_waiting, mix_pool_bytes=args.mix_pool_bytes,
-    ).items() if v is not None}
-    api_key = args.api_key if args.api_key is not None else os.environ.get("LORAMUX_API_KEY")
-    if api_key is not None and not api_key.strip():  # an empty key would silently open the server
-        print("error: the API key is empty (--api-key or LORAMUX_API_KEY); give a key, or neither to serve "
-              "without authentication", file=sys.stderr)
+    try:
+        api_key(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        config = EngineConfig(dtype=dtype, device=args.device, **options)
-        net, tokenizer, folder = load_base(args.model, dtype, args.device)
+        state = assemble_state(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    data_dir = Path(args.data_dir)
-    store = AdapterStore(args.adapter_dir or data_dir / "adapters")
-    served = args.served_model_name or (
-        DEFAULT_SERVED_NAME if args.model in (None, "default") else Path(args.model).name.removesuffix(".gguf"))
-    settings = ServerSettings(
-        served_model_name=served, model_root=str(folder), api_key=api_key,
-        allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
-        max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
-        grammar_timeout_s=args.grammar_compile_timeout,
-    )
-    state = ServerState.assemble(Engine(net, tokenizer, config), store, settings)
-    restore_stored(state.adapters, store, net.cfg, config.max_lora_rank)
+    folder = state.settings.model_root
+    served = state.settings.served_model_name
     app = create_app(state)
 
     class DrainingServer(uvicorn.Server):
@@ -140,6 +111,12 @@ def _serve(args) -> int:
     finally:
         state.close()
     return 0
+
+
+def _ray_serve(args) -> int:
+    from loramux.server.ray_serve.app import run
+
+    return run(args)
 
 
 def _bench(argv: list[str]) -> int:
@@ -192,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(func=_serve)
+
+    ray = sub.add_parser("ray-serve", help="serve the same API from replicas on Ray Serve, routed by adapter "
+                                           "(needs the `ray` extra; server/ray_serve/)")
+    for action in srv._actions:  # every `serve` option, kept in step with it (argparse has no public copy)
+        if not isinstance(action, argparse._HelpAction) and action.dest not in ("drain_timeout", "log_level"):
+            ray._add_action(action)
+    ray.add_argument("--num-replicas", type=int, default=1)
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
+    ray.add_argument("--max-ongoing-requests", type=int, default=None,
+                     help="requests Ray sends one replica at once (default: 2 x --max-num-seqs)")
+    ray.add_argument("--max-models-per-replica", type=int, default=None,
+                     help="adapters Ray's multiplexing keeps per replica (default: the pool's adapter slots)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
+    ray.set_defaults(func=_ray_serve)
 
     gen = sub.add_parser("generate", help="generate offline with the base model and adapters")
     gen.add_argument("--model", default="default", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")

@@ -1,0 +1,232 @@
+"""loramux on Ray Serve (server/ray_serve/): two replicas behind the ingress, on a
+small local Ray cluster, through the real openai client against Ray's HTTP proxy.
+
+The reference is the offline LLM on the same model and adapter folders. The
+adapters live in one store folder that both replicas read: a1 and a2 are in
+it before the start, a3 is uploaded (and deleted) through the ingress.
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import ray  # the `ray` extra, which `make test` installs
+from ray import serve
+
+from helpers.live_server import AUTH, BASE, KEY, assert_error, free_port, make_api_files, upload_dir, wait_for
+from helpers.tiny import make_adapter
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The quick brown fox"
+CHAT = [{"role": "user", "content": "Say something nice."}]
+REPLICA = "x-loramux-replica"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from loramux.adapters_store.store import AdapterStore
+
+    root = make_api_files(tmp_path_factory.mktemp("ray"))
+    make_adapter(root / "base", root / "allowed" / "a3", r=4, alpha=8, seed=3)
+    store = AdapterStore(root / "store")
+    for name in ("a1", "a2"):  # stored before the start, as `loramux serve` would have written them
+        folder = root / "allowed" / name
+        store.save(name, (folder / "adapter_config.json").read_bytes(),
+                   (folder / "adapter_model.safetensors").read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def offline(files):
+    from loramux.server.llm import LLM
+
+    return LLM(model=str(files / "base"), dtype="float32",
+               adapters={n: files / "allowed" / n for n in ("a1", "a2", "a3")})
+
+
+@pytest.fixture(scope="module")
+def cluster(files):
+    from loramux.server.ray_serve.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({
+            "model": str(files / "base"), "dtype": "float32", "adapter_dir": str(files / "store"),
+            "api_key": KEY, "served_model_name": BASE, "kv_cache_bytes": "8M", "adapter_pool_bytes": "4M",
+            "num_replicas": "2", "replica_cpus": "1", "max_num_seqs": "8",
+        }), name="loramux", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        http = httpx.Client(base_url=url, headers=AUTH, timeout=120)
+        assert wait_for(lambda: http.get("/health").status_code == 200, timeout=120)
+        yield http, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        http.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def greedy(max_tokens=8):
+    from loramux.server.engine.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def completion(client: openai.OpenAI, model: str, **options):
+    """(completion, replica id) of one greedy completion."""
+    raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                                      **options)
+    return raw.parse(), raw.headers[REPLICA]
+
+
+def replicas_seen(http: httpx.Client, method: str, path: str, check, tries: int = 60) -> set[str]:
+    """Send the request until both replicas have answered it (the ingress sends
+    requests without an adapter to any replica); `check` every response."""
+    seen = set()
+    for _ in range(tries):
+        r = http.request(method, path)
+        check(r)
+        seen.add(r.headers[REPLICA])
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def test_greedy_outputs_through_ray_equal_offline_and_stick_to_a_replica(cluster, offline):
+    http, client = cluster
+    served_by: dict[str, set[str]] = {}
+    for _ in range(3):
+        for model in (BASE, "a1", "a2"):
+            got, replica = completion(client, model)
+            want = offline.generate([PROMPT], greedy(), [None if model == BASE else model])[0]
+            assert got.choices[0].text == want.text, model
+            assert got.usage.completion_tokens == len(want.token_ids)
+            assert got.model == model
+            served_by.setdefault(model, set()).add(replica)
+    for adapter in ("a1", "a2"):  # after the first request, every one went to the replica holding it
+        assert len(served_by[adapter]) == 1, served_by
+    assert len(served_by["a1"] | served_by["a2"]) == 2  # a new adapter goes to the replica holding fewer
+    texts = {offline.generate([PROMPT], greedy(), [m])[0].text for m in (None, "a1", "a2")}
+    assert len(texts) == 3  # the adapters change the output, so equality above means something
+
+    got = client.chat.completions.create(model="a2", messages=CHAT, max_tokens=8, temperature=0)
+    assert got.choices[0].message.content == offline.chat([CHAT], greedy(), ["a2"])[0].text
+
+
+def test_both_replicas_serve(cluster):
+    http, _ = cluster
+    seen = replicas_seen(http, "GET", "/v1/models", lambda r: r.raise_for_status())
+    assert len(seen) == 2
+
+
+def test_streamed_completion_reassembles_to_the_non_streamed_one(cluster, offline):
+    _, client = cluster
+    whole, replica = completion(client, "a1")
+    with client.completions.with_streaming_response.create(
+            model="a1", prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True}) as raw:
+        assert raw.headers[REPLICA] == replica  # the adapter's replica streams it too
+        parts = list(raw.parse())
+    assert len([p for p in parts if p.choices]) > 1  # chunk by chunk, not one body
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    # the replica yields each SSE event as the app sends it (not one body at the end)
+    from loramux.server.ray_serve.asgi import ForwardedRequest, ResponseHead
+
+    body = json.dumps({"model": "a1", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True})
+    request = ForwardedRequest("POST", "/v1/completions", b"", (("authorization", f"Bearer {KEY}"),
+                                                                ("content-type", "application/json")), body.encode())
+    handle = serve.get_deployment_handle("LoramuxReplica", app_name="loramux")
+    items = list(handle.options(stream=True, multiplexed_model_id="a1").forward.remote(request))
+    assert isinstance(items[0], ResponseHead) and items[0].status == 200
+    events = [e for e in b"".join(items[1:]).split(b"\n\n") if e]
+    assert len(items) - 1 == len(events) == len([p for p in parts if p.choices]) + 1  # + "data: [DONE]"
+
+    chunks = list(client.chat.completions.create(model="a2", messages=CHAT, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        offline.chat([CHAT], greedy(), ["a2"])[0].text
+
+
+def test_upload_and_delete_through_the_ingress_reach_every_replica(cluster, files, offline):
+    http, client = cluster
+    r = upload_dir(http, "a3", files / "allowed" / "a3")
+    assert r.status_code == 201, r.text
+    assert (files / "store" / "a3").is_dir()  # written once, into the shared store
+
+    def lists_a3(r):
+        assert r.status_code == 200, r.text
+        assert "a3" in {m["id"] for m in r.json()["data"]}
+
+    assert len(replicas_seen(http, "GET", "/v1/models", lists_a3)) == 2  # both replicas hold it now
+    got, _ = completion(client, "a3")
+    assert got.choices[0].text == offline.generate([PROMPT], greedy(), ["a3"])[0].text
+
+    r = http.delete("/v1/adapters/a3")
+    assert r.status_code == 200, r.text
+    assert not (files / "store" / "a3").exists()
+
+    def a3_gone(r):
+        assert_error(r, 404)
+
+    assert len(replicas_seen(http, "GET", "/v1/adapters/a3", a3_gone)) == 2  # whichever replica answers
+    with pytest.raises(openai.NotFoundError):  # on the replica that served it, too
+        completion(client, "a3")
+
+    def lacks_a3(r):
+        assert r.status_code == 200, r.text
+        assert "a3" not in {m["id"] for m in r.json()["data"]}
+
+    assert len(replicas_seen(http, "GET", "/v1/models", lacks_a3)) == 2
+
+
+def test_a_replica_registry_follows_the_shared_store(files):
+    """Two replicas' registries over one store folder, without Ray: what one
+    writes or deletes, the other sees at its next check; an eviction drops the
+    adapter until it is asked for again."""
+    import asyncio
+    import shutil
+
+    from loramux.server.ray_serve.app import parse_builder_args
+    from loramux.server.assembly import assemble_state
+    from loramux.server.ray_serve.store_mirror import StoreMirror
+
+    shutil.copytree(files / "store", files / "mirror-store", ignore=shutil.ignore_patterns(".tmp-*", "a3"))
+    args = parse_builder_args({"model": str(files / "base"), "dtype": "float32", "served_model_name": BASE,
+                               "adapter_dir": str(files / "mirror-store"), "kv_cache_bytes": "8M",
+                               "adapter_pool_bytes": "4M"})
+    one, two = assemble_state(args), assemble_state(args)
+    try:
+        second = StoreMirror(two)
+        a3 = files / "allowed" / "a3"
+        config, weights = (a3 / "adapter_config.json").read_bytes(), (a3 / "adapter_model.safetensors").read_bytes()
+
+        async def scenario():
+            assert {"a1", "a2"} <= {e.name for e in two.adapters.entries()}  # restored at the start
+            one.store.save("a3", config, weights)  # an upload through the first replica
+            assert "a3" not in two.adapters
+            assert await second.sync("a3") and two.adapters.get("a3").info.sha256 == one.store.read("a3")[2].sha256
+            one.store.delete("a3")  # a delete through the first
+            assert not await second.sync("a3") and "a3" not in two.adapters
+            a2 = files / "allowed" / "a2"
+            one.store.delete("a1")  # a1 deleted and uploaded again with other weights (a2's)
+            new = one.store.save("a1", (a2 / "adapter_config.json").read_bytes(),
+                                 (a2 / "adapter_model.safetensors").read_bytes())
+            assert two.adapters.get("a1").info.sha256 != new.sha256
+            await second.sync_all()
+            assert two.adapters.get("a1").info.sha256 == new.sha256 and two.adapters.get("a1").info.rank == 4
+            assert "a3" not in two.adapters
+            second.drop("a2")  # Ray evicted a2 from the second replica
+            assert "a2" not in two.adapters and "a2" in one.adapters
+            assert await second.sync("a2") and "a2" in two.adapters  # asked again: back from the store
+
+        asyncio.run(scenario())
+    finally:
+        one.close()
+        two.close()
