@@ -12,7 +12,9 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from loramux.adapters_store.arithmetic import MAX_ADAPTER_WEIGHT
@@ -114,26 +116,22 @@ def _choices(v):
     return v
 
 
+# The constraint fields structured_outputs and the guided_* fields share; the
+# check sits outside the union, so an error names the field itself
+SchemaField = Annotated[Any, AfterValidator(lambda v: None if v is None else _schema_object(v))]
+ChoiceField = Annotated[list[str] | None, AfterValidator(_choices)]
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs`: exactly one constraint."""
 
     model_config = _STRICT
 
-    json_: Any = Field(None, alias="json")  # a schema object, or its JSON text
+    json_: SchemaField = Field(None, alias="json")  # a schema object, or its JSON text
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: ChoiceField = None
     grammar: str | None = None
     json_object: bool | None = None
-
-    @field_validator("json_")
-    @classmethod
-    def _json(cls, v):
-        return None if v is None else _schema_object(v)
-
-    @field_validator("choice")
-    @classmethod
-    def _choice(cls, v):
-        return _choices(v)
 
     @model_validator(mode="after")
     def _one(self):
@@ -177,27 +175,10 @@ class _SamplingFields(BaseModel):
     # vLLM's structured_outputs, and vLLM's older guided_* fields; one at most
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    guided_json: Any = None  # a schema object, or its JSON text (_schema_object)
+    guided_json: SchemaField = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: ChoiceField = None
     guided_grammar: str | None = None
-
-    @field_validator("guided_json")
-    @classmethod
-    def _guided_json(cls, v):
-        return None if v is None else _schema_object(v)
-
-    @field_validator("guided_choice")
-    @classmethod
-    def _guided_choice(cls, v):
-        return _choices(v)
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v):
-        if v is not None and v.json_schema is not None:
-            v.json_schema.schema_ = _schema_object(v.json_schema.schema_)
-        return v
 
     @model_validator(mode="after")
     def _one_constraint(self):
