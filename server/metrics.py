@@ -163,15 +163,13 @@ class Metrics:
     def on_step(self, engine, outputs) -> None:
         sched, now = engine.scheduler, time.monotonic()
         alloc = engine.allocator
-        self.reading = SchedulerReading(
-            sched.num_running, sched.num_waiting, 1.0 - alloc.num_free / alloc.num_blocks,
-            frozenset(r.adapter_digest for r in sched.running if r.adapter_digest is not None),
-            frozenset(r.adapter_digest for r in sched.waiting if r.adapter_digest is not None))
         self.preemptions.inc(engine.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = engine.num_preemptions
 
         running, waiting = {}, {}
+        running_digests, waiting_digests = set(), set()  # one pass over each queue per step, for everything
         for req in sched.running:
+            running_digests.add(req.adapter_digest)
             info = engine.request_info(req.request_id)
             name = self._label(info[0]) if info is not None else None
             if name is not None:
@@ -181,11 +179,15 @@ class Metrics:
                 if info is not None:
                     self.queue_time.observe(now - info[1])
         for req in sched.waiting:
+            waiting_digests.add(req.adapter_digest)
             info = engine.request_info(req.request_id)
             name = self._label(info[0]) if info is not None else None
             if name is not None:
                 waiting[name] = waiting.get(name, 0) + 1
         self._seen_running.intersection_update(r.request_id for r in (*sched.running, *sched.waiting))
+        self.reading = SchedulerReading(
+            sched.num_running, sched.num_waiting, 1.0 - alloc.num_free / alloc.num_blocks,
+            frozenset(running_digests - {None}), frozenset(waiting_digests - {None}))
         for name in self._adapters_seen | running.keys() | waiting.keys():
             self.adapter_running.labels(name).set(running.get(name, 0))
             self.adapter_waiting.labels(name).set(waiting.get(name, 0))
