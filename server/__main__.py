@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray = sub.add_parser("ray-serve", help="serve the same API from replicas on Ray Serve, routed by adapter "
                                            "(needs the `ray` extra; server/ray_serve/)")
     for action in srv._actions:  # every `serve` option, kept in step with it (argparse has no public copy)
-        if not isinstance(action, argparse._HelpAction) and action.dest not in ("drain_timeout", "log_level"):
+        if not isinstance(action, argparse._HelpAction) and action.dest != "log_level":
             ray._add_action(action)
     ray.add_argument("--num-replicas", type=int, default=1)
     ray.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")

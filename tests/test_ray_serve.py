@@ -15,7 +15,8 @@ import pytest
 import ray  # the `ray` extra, which `make test` installs
 from ray import serve
 
-from helpers.live_server import AUTH, BASE, KEY, assert_error, free_port, make_api_files, upload_dir, wait_for
+from helpers.live_server import AUTH, BASE, KEY, ROOT, assert_error, free_port, make_api_files, upload_dir, wait_for
+from helpers.prometheus import Prometheus, find_prometheus
 from helpers.tiny import make_adapter
 
 pytestmark = pytest.mark.slow
@@ -186,6 +187,114 @@ def test_upload_and_delete_through_the_ingress_reach_every_replica(cluster, file
     assert len(replicas_seen(http, "GET", "/v1/models", lacks_a3)) == 2
 
 
+def prometheus_config(port: int) -> str:
+    """deploy/ray/prometheus.yml pointed at the test application, scraping every second (Ray's own job out)."""
+    text = (ROOT / "deploy" / "ray" / "prometheus.yml").read_text()
+    text = text[:text.index("  # Ray's own metrics")]
+    for old, new in (('"loramux-ray:8000"', f'"127.0.0.1:{port}"'), ("scrape_interval: 5s", "scrape_interval: 1s")):
+        assert old in text, f"deploy/ray/prometheus.yml no longer contains {old}"
+        text = text.replace(old, new)
+    return text
+
+
+def test_prometheus_scrapes_every_replica_labelled_by_replica(cluster, tmp_path):
+    http, client = cluster
+    replicas = replicas_seen(http, "GET", "/v1/models", lambda r: r.raise_for_status())
+    completion(client, "a1")
+    prom = Prometheus(find_prometheus(), prometheus_config(http.base_url.port), tmp_path / "prom")
+    try:
+        def labelled() -> set[str]:
+            return {s["metric"].get("replica") for s in prom.query('loramux:generation_tokens_total{job="loramux"}')}
+
+        prom.wait_for(lambda: labelled() == replicas, 60, f"scraping replicas {replicas}")
+        by_replica = {s["metric"]["replica"]: float(s["value"][1])
+                      for s in prom.query('sum by (replica) (loramux:generation_tokens_total)')}
+        assert sum(by_replica.values()) > 0  # real counts, not only the series
+        # the router gauges too: one LoRA info series per replica
+        assert {s["metric"]["replica"] for s in prom.query("vllm:lora_requests_info")} == replicas
+    finally:
+        prom.stop()
+
+
+def replica_states() -> dict:
+    return dict(serve.status().applications["loramux"].deployments["LoramuxReplica"].replica_states)
+
+
+def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced_with_its_adapters(cluster, offline):
+    """Kill the replica holding a1 while it streams: its requests end with errors in OpenAI's
+    shape, none hangs; Ray starts a new replica, which serves a1 from the shared store."""
+    import threading
+
+    http, client = cluster
+    _, victim = completion(client, "a1")
+    started = threading.Barrier(5)
+    outcomes: dict[int, object] = {}
+    served_by: dict[int, str] = {}
+
+    def stream(i: int):
+        try:
+            chunks = client.completions.create(model="a1", prompt=PROMPT, max_tokens=480, temperature=0,
+                                               extra_body={"ignore_eos": True}, n=2, stream=True)
+            served_by[i] = chunks.response.headers[REPLICA]
+            it = iter(chunks)
+            next(it)
+            started.wait(30)
+            outcomes[i] = [c.choices[0].finish_reason for c in it if c.choices]
+        except Exception as exc:  # what the client raises for the error event
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(60)  # all four are streaming from the victim
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith("#" + victim)]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive()  # never a hang
+    on_victim = [i for i in outcomes if served_by[i] == victim]
+    assert on_victim, served_by  # a1's requests stay on a1's replica while it has room
+    for i in on_victim:
+        assert isinstance(outcomes[i], openai.APIError), (i, outcomes[i])  # ended by the error event, mid-stream
+        assert "replica" in outcomes[i].message
+
+    assert wait_for(lambda: replica_states().get("RUNNING") == 2 and len(replica_states()) == 1, timeout=120), \
+        replica_states()
+    # later requests succeed (a1 from the shared store on whichever replica gets it), outputs as before
+    for model in ("a1", "a2", BASE):
+        got = completion(client, model)[0]
+        assert got.choices[0].text == offline.generate([PROMPT], greedy(), [None if model == BASE else model])[0].text
+    seen: set[str] = set()  # the ingress's router learns of the new replica within seconds
+
+    def both_serve() -> bool:
+        seen.update(replicas_seen(http, "GET", "/v1/models", lambda r: r.raise_for_status(), tries=10))
+        return len(seen) == 2
+    assert wait_for(both_serve, timeout=60), seen
+    assert victim not in seen  # a new replica in its place
+    # and the dead replica's metrics leave the application's /metrics
+    assert wait_for(lambda: f'replica="{victim}"' not in http.get("/metrics").text, timeout=60)
+    assert all(f'replica="{r}"' in http.get("/metrics").text for r in seen)
+
+
+def test_merged_exposition_labels_each_sample_with_its_replica():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loramux.server.ray_serve.metrics_board import merged_exposition
+
+    one = "# HELP x_total Things\n# TYPE x_total counter\nx_total{adapter=\"a1\"} 3.0\n" \
+          "# HELP q Queue\n# TYPE q gauge\nq 1.0\n"
+    two = "# HELP x_total Things\n# TYPE x_total counter\nx_total{adapter=\"a1\"} 5.0\n"
+    text = merged_exposition({"r1": one, "r2": two}).decode()
+    assert text.count("# TYPE x_total counter") == 1  # one family, as the format requires
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples == {("x_total", (("adapter", "a1"), ("replica", "r1"))): 3.0,
+                       ("x_total", (("adapter", "a1"), ("replica", "r2"))): 5.0,
+                       ("q", (("replica", "r1"),)): 1.0}
+
+
 def test_a_replica_registry_follows_the_shared_store(files):
     """Two replicas' registries over one store folder, without Ray: what one
     writes or deletes, the other sees at its next check; an eviction drops the
@@ -230,3 +339,27 @@ def test_a_replica_registry_follows_the_shared_store(files):
     finally:
         one.close()
         two.close()
+
+
+def test_the_deploy_config_is_a_valid_serve_config_for_build_app():
+    """deploy/ray/serve-config.yaml: Ray's schema accepts it, its import path is build_app, and
+    build_app reads its args with the CLI's parser (autoscaling passed through)."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from loramux.server.ray_serve.app import build_app, deployment_options, parse_builder_args
+
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "serve-config.yaml").read_text())
+    ServeDeploySchema.parse_obj(config)
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is build_app
+    args = parse_builder_args(app["args"])
+    options = deployment_options(args)
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 24.0}
+    assert options["max_ongoing_requests"] == 2 * int(app["args"]["max_num_seqs"])
+    assert options["graceful_shutdown_timeout_s"] == 30.0
+    assert "num_replicas" not in options  # autoscaling instead
+    build_app(app["args"])  # binds without a cluster

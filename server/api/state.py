@@ -55,6 +55,13 @@ class ServerState:
                                                    timeout_s=settings.grammar_timeout_s)
         return cls(AsyncEngine(engine, on_step=metrics.on_step), store, registry, settings, metrics, guides)
 
+    def engine_stall(self) -> str | None:
+        """Why the engine counts as stalled (its loop silent beyond health_timeout_s), or None."""
+        silent = time.monotonic() - self.engine.last_progress
+        if silent > self.settings.health_timeout_s:
+            return f"the engine loop has made no progress for {silent:.0f} s"
+        return None
+
     def close(self) -> None:
         """Stop the engine thread and the grammar workers."""
         self.engine.shutdown()

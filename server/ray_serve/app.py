@@ -17,15 +17,19 @@ import argparse
 import logging
 import signal
 import threading
+import time
 
 from ray import serve
 from ray.serve import Application
 
 from loramux.server.ray_serve.ingress import LoramuxIngress
 from loramux.server.assembly import served_name
+from loramux.server.ray_serve.metrics_board import MetricsBoard
 from loramux.server.ray_serve.replica import LoramuxReplica, replica_capacity
 
 log = logging.getLogger("loramux.ray_serve")
+
+APP_NAME = "loramux"
 
 
 def deployment_options(args: argparse.Namespace) -> dict:
@@ -33,6 +37,8 @@ def deployment_options(args: argparse.Namespace) -> dict:
     ongoing, _ = replica_capacity(args)
     options: dict = {
         "max_ongoing_requests": ongoing,
+        # what Ray gives in-flight requests when it stops a replica (scale-down, redeploy, shutdown)
+        "graceful_shutdown_timeout_s": args.drain_timeout,
         "ray_actor_options": {"num_cpus": args.replica_cpus,
                               # one torch thread per core the replica is given, not one per core of the node
                               "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(args.replica_cpus)))}}},
@@ -51,11 +57,13 @@ def deployment_options(args: argparse.Namespace) -> dict:
 def application(args: argparse.Namespace) -> Application:
     """The bound application for parsed `ray-serve` options."""
     ongoing, max_adapters = replica_capacity(args)
-    replicas = LoramuxReplica.options(**deployment_options(args)).bind(args, max_adapters)
+    board = MetricsBoard.bind()
+    replicas = LoramuxReplica.options(**deployment_options(args)).bind(args, max_adapters, board)
     # the ingress only relays bytes: it may hold every replica's requests at once
     ingress = LoramuxIngress.options(max_ongoing_requests=ongoing * max(args.num_replicas, args.max_replicas or 0),
+                                     graceful_shutdown_timeout_s=args.drain_timeout,
                                      ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replicas, served_name(args))
+    return ingress.bind(replicas, board, served_name(args))
 
 
 def parse_builder_args(builder_args: dict) -> argparse.Namespace:
@@ -77,21 +85,33 @@ def build_app(builder_args: dict) -> Application:
     return application(parse_builder_args(builder_args))
 
 
+def drain(ingress, timeout_s: float) -> None:
+    """New requests refused (503) from now on; wait until those in flight finished, at most timeout_s."""
+    ingress.drain.remote().result()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and ingress.requests_in_flight.remote().result() > 0:
+        time.sleep(0.2)
+
+
 def run(args: argparse.Namespace) -> int:
     """`loramux ray-serve`: start or join a Ray cluster, deploy, serve on --host/--port
-    until SIGTERM/SIGINT, then shut the application down (in-flight requests finish)."""
+    until SIGTERM/SIGINT, then drain as `loramux serve` does (new requests 503, those in
+    flight finish, up to --drain-timeout) and delete the application."""
     import ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ray.init(address=args.ray_address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application(args), name="loramux", route_prefix="/")
+    ingress = serve.run(application(args), name=APP_NAME, route_prefix="/")
     log.info("loramux on Ray Serve: http://%s:%d (%s replicas)", args.host, args.port, args.num_replicas)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.delete("loramux")
-    serve.shutdown()
+    log.info("draining (up to %.0f s)", args.drain_timeout)
+    drain(ingress, args.drain_timeout)
+    serve.delete(APP_NAME)
+    if args.ray_address is None:  # the cluster is ours: stop Serve with it; a shared one keeps its other apps
+        serve.shutdown()
     ray.shutdown()
     return 0

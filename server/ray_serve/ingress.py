@@ -10,19 +10,26 @@ ingress only picks a replica and relays bytes:
                                                  shared store; deletes leave it, and every replica
                                                  checks the store before it serves an adapter)
 
+    GET /metrics                                 every replica's metrics, labelled by replica
+                                                 (server/ray_serve/metrics_board.py); open, as
+                                                 on `loramux serve`
+
 Responses stream back chunk by chunk (SSE included), with the replica's
 `x-loramux-replica` header. A replica that fails mid-request ends it with an
-error in OpenAI's shape.
+error in OpenAI's shape. Draining (`loramux ray-serve` on SIGTERM) refuses
+new requests with 503 while those in flight finish, as `loramux serve` does.
 """
 # no `from __future__ import annotations`: Ray rebuilds the routes of the class and must see `Request` itself
 import json
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from loramux.server.api.errors import error_body, error_response
 from loramux.server.ray_serve.asgi import ForwardedRequest, ResponseHead
 
 log = logging.getLogger("loramux.ray_serve.ingress")
@@ -44,20 +51,42 @@ def adapter_of(path: str, body: bytes, base_model: str) -> str:
     return model if isinstance(model, str) and model != base_model else ""
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
-                        status_code=status)
-
-
 @serve.deployment(name="LoramuxIngress")
 @serve.ingress(api)
 class LoramuxIngress:
-    def __init__(self, replicas: DeploymentHandle, base_model: str):
+    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, base_model: str):
         self.replicas = replicas
+        self.board = board
         self.base_model = base_model
+        self.draining = False
+        self.inflight = 0  # requests relayed and not yet fully sent (streams included)
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; those in flight go on."""
+        self.draining = True
+
+    def requests_in_flight(self) -> int:
+        return self.inflight
+
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics(self):
+        return Response(await self.board.exposition.remote(), media_type=CONTENT_TYPE_LATEST)
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"], include_in_schema=False)
     async def relay(self, request: Request):
+        if self.draining:
+            return error_response(503, "the server is shutting down", code="draining")
+        self.inflight += 1
+        try:
+            response = await self._relay(request)
+        except BaseException:
+            self.inflight -= 1
+            raise
+        if not isinstance(response, StreamingResponse):
+            self.inflight -= 1
+        return response
+
+    async def _relay(self, request: Request):
         body = await request.body()
         path = request.url.path
         forwarded = ForwardedRequest(request.method, path, request.url.query.encode("latin-1"),
@@ -69,7 +98,7 @@ class LoramuxIngress:
             head = await chunks.__anext__()
         except Exception as exc:  # the replica died or failed before answering
             log.error("replica call failed: %s", exc)
-            return _error(503, "the replica serving this request failed; retry", "service_unavailable")
+            return error_response(503, "the replica serving this request failed; retry", code="replica_failed")
         assert isinstance(head, ResponseHead)
 
         async def body_chunks():
@@ -78,9 +107,10 @@ class LoramuxIngress:
                     yield chunk
             except Exception as exc:  # mid-stream: the status is sent; end the body with an SSE error event
                 log.error("replica failed mid-response: %s", exc)
-                error = {"error": {"message": "the replica serving this request failed", "type": "server_error",
-                                   "param": None, "code": None}}
-                yield f"data: {json.dumps(error)}\n\n".encode()
+                error = error_body(500, "the replica serving this request failed", code="replica_failed")
+                yield f"data: {error.model_dump_json()}\n\n".encode()
+            finally:
+                self.inflight -= 1
 
         headers = {k: v for k, v in head.headers if k.lower() not in _HOP_BY_HOP}
         return StreamingResponse(body_chunks(), status_code=head.status, headers=headers)

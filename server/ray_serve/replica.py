@@ -19,13 +19,16 @@ one batch, which batching by model id would defeat.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from loramux.server.assembly import assemble_state, engine_options
 from loramux.server.ray_serve.asgi import ForwardedRequest, ResponseHead, stream_through
+from loramux.server.ray_serve.metrics_board import PUSH_INTERVAL_S
 from loramux.server.ray_serve.store_mirror import StoreMirror
 
 log = logging.getLogger("loramux.ray_serve.replica")
@@ -61,7 +64,8 @@ class _HeldAdapter:
 
 @serve.deployment(name="LoramuxReplica", ray_actor_options={"num_cpus": 1})
 class LoramuxReplica:
-    def __init__(self, args: argparse.Namespace, max_adapters: int):
+    async def __init__(self, args: argparse.Namespace, max_adapters: int, board: DeploymentHandle):
+        # async, so the metrics pusher starts on the replica's own event loop, where the app runs
         import torch
 
         from loramux.server.api.app import create_app
@@ -71,6 +75,8 @@ class LoramuxReplica:
         self.mirror = StoreMirror(self.state)
         self.app = create_app(self.state)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.board = board
+        self._pusher = asyncio.create_task(self._push_metrics())
         # K comes from the options, so the multiplexed loader is wired here (Ray detects it on the
         # instance); a plain function, as Ray keeps its cache on the function object
         async def load_adapter(name: str) -> _HeldAdapter:
@@ -78,20 +84,35 @@ class LoramuxReplica:
 
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
 
+    async def _push_metrics(self) -> None:
+        """This replica's /metrics to the board (server/ray_serve/metrics_board.py), every interval."""
+        while True:
+            try:
+                await self.board.put.remote(self.replica_id, self.state.metrics.render().decode())
+            except Exception as exc:  # the board restarting: the next push refills it
+                log.warning("metrics push failed: %s", exc)
+            await asyncio.sleep(PUSH_INTERVAL_S)
+
+    async def check_health(self) -> None:
+        """Ray's health check: a stalled engine fails it, and Ray replaces the replica."""
+        stall = self.state.engine_stall()
+        if stall is not None:
+            raise RuntimeError(stall)
+
     async def _hold(self, name: str) -> _HeldAdapter:
-        if await self.mirror.sync(name):
-            entry = self.state.adapters.get(name)
-            if entry is not None:  # warm it: the prefetch worker loads it onto the device off the engine thread
-                digest = entry.digest
-                await self.state.engine.call(lambda e: e.adapters.prefetch([digest], e.adapters.pinned()))
-        return _HeldAdapter(self.mirror, name)  # held even if unknown: the app answers 404 for it
+        entry = self.state.adapters.get(name)
+        if entry is not None:  # warm it: the prefetch worker loads it onto the device off the engine thread
+            digest = entry.digest
+            await self.state.engine.call(lambda e: e.adapters.prefetch([digest], e.adapters.pinned()))
+        return _HeldAdapter(self.mirror, name)
 
     async def forward(self, request: ForwardedRequest):
         """The response to `request` (a Ray streaming call): a ResponseHead, then body chunks."""
         name = serve.get_multiplexed_model_id()
-        if name:
+        # in step with the store first (a delete through another replica reaches this one here);
+        # an unknown name takes no multiplexing slot: the app answers 404 for it
+        if name and await self.mirror.sync(name):
             await self.load_adapter(name)
-            await self.mirror.sync(name)  # it may have been deleted through another replica since
         elif request.method == "GET" and request.path in ("/v1/models", "/v1/adapters"):
             await self.mirror.sync_all()
         elif request.path.startswith("/v1/adapters/"):
@@ -102,6 +123,11 @@ class LoramuxReplica:
             yield item
 
     def __del__(self):
+        """Ray's shutdown hook, called once in-flight requests finished (or the graceful timeout passed)."""
+        pusher = getattr(self, "_pusher", None)
+        if pusher is not None:
+            pusher.cancel()
+            self.board.forget.remote(self.replica_id)
         state = getattr(self, "state", None)
         if state is not None:
             state.close()
