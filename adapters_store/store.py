@@ -33,16 +33,19 @@ log = logging.getLogger("loramux.adapter_store")
 
 META_NAME = "meta.json"
 _TMP_PREFIX = ".tmp-"
+# ':' for fine-tuned models, named as OpenAI names them: ft:<base>:<suffix>:<job-id>
+NAME_CHARS = "A-Za-z0-9._:-"
+MAX_NAME_CHARS = 200  # a folder name (255 bytes at most) with room to spare
 # A letter or digit first: no '.', '..', hidden or temporary folder (.tmp-*),
 # no '__pycache__'-like folder and nothing that reads as a command-line flag.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RE = re.compile(f"[A-Za-z0-9][{NAME_CHARS}]{{0,{MAX_NAME_CHARS - 1}}}")
 
 
 def check_name(name: str) -> None:
     """Raise AdapterError unless `name` is a safe adapter (and folder) name."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise AdapterError("the adapter name must be 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter "
-                           "or a digit", "name")
+        raise AdapterError(f"the adapter name must be 1-{MAX_NAME_CHARS} characters of A-Z a-z 0-9 . _ : -, "
+                           "starting with a letter or a digit", "name")
 
 
 @dataclass(frozen=True)

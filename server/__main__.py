@@ -1,11 +1,14 @@
-"""Command line: `loramux serve ...`, `loramux generate ...`, `loramux export-merged ...`, `loramux bench ...`
+"""Command line: `loramux serve ...`, `loramux generate ...`, `loramux export-merged ...`, `loramux finetune ...`,
+`loramux bench ...`
 (and `python -m loramux.server ...`)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from loramux.adapters_store.file_store import DEFAULT_MAX_BYTES as DEFAULT_MAX_FILE_BYTES
 from loramux.server.engine.grammar_compiler import DEFAULT_TIMEOUT_S
+from loramux.server.finetune.cli import add_parser as add_finetune_parser
 
 
 def _generate(args) -> int:
@@ -135,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default="default", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     srv.add_argument("--device", default="cpu")
-    srv.add_argument("--data-dir", default="data", help="runtime data (uploaded adapters under adapters/)")
+    srv.add_argument("--data-dir", default="data", help="runtime data (uploaded adapters under adapters/, "
+                     "uploaded files under files/, fine-tuning jobs under fine_tuning/)")
     srv.add_argument("--adapter-dir", default=None, help="where uploaded adapters live (default: DATA_DIR/adapters)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -160,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folders /v1/load_lora_adapter may load from (repeatable; none = disabled)")
     srv.add_argument("--max-upload-bytes", type=_bytes, default=512 * 2**20, metavar="BYTES",
                      help="largest adapter upload (413 above it)")
+    srv.add_argument("--max-file-bytes", type=_bytes, default=DEFAULT_MAX_FILE_BYTES, metavar="BYTES",
+                     help="largest file upload to /v1/files (413 above it)")
+    srv.add_argument("--fine-tuning-threads", type=int, default=1, metavar="N",
+                     help="torch threads of a fine-tuning job's worker process (the engine keeps its own)")
+    srv.add_argument("--max-fine-tuning-jobs", type=int, default=1, metavar="N",
+                     help="fine-tuning jobs training at once; the others wait, queued")
     srv.add_argument("--max-request-bytes", type=_bytes, default=16 * 2**20, metavar="BYTES",
                      help="largest body of any other request (413 above it, before it is parsed)")
     srv.add_argument("--mix-pool-bytes", type=_bytes, default=None, metavar="BYTES",
@@ -208,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--adapter", required=True, metavar="PATH", help="a PEFT adapter folder")
     exp.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder (must not exist)")
     exp.set_defaults(func=_export_merged)
+
+    add_finetune_parser(sub)
 
     sub.add_parser("bench", add_help=False,
                    help="load-test an OpenAI-compatible server (bench/load_test.py; `loramux bench --help`)")

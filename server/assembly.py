@@ -1,7 +1,7 @@
 """From `loramux serve` options to a ServerState: the one assembly that
 `loramux serve` and each Ray Serve replica (server/ray_serve/replica.py) run.
 
-    options -> EngineConfig + base model + adapter store + ServerSettings
+    options -> EngineConfig + base model + adapter store + file store + ServerSettings
             -> ServerState.assemble (engine thread, registry, metrics)
             -> every stored adapter registered again (restore_stored)
 """
@@ -40,14 +40,17 @@ def served_name(args: argparse.Namespace) -> str:
     return DEFAULT_SERVED_NAME if args.model in (None, "default") else Path(args.model).name.removesuffix(".gguf")
 
 
-def assemble_state(args: argparse.Namespace):
+def assemble_state(args: argparse.Namespace, fine_tuning: bool = True):
     """The ServerState of these options, with every stored adapter registered;
-    (FileNotFoundError, ValueError) for a model or option that cannot be served."""
+    (FileNotFoundError, ValueError) for a model or option that cannot be served.
+    fine_tuning: whether this server runs fine-tuning jobs (its data folder's fine_tuning/)."""
+    from loramux.adapters_store.file_store import FileStore
     from loramux.adapters_store.store import AdapterStore
     from loramux.server.api.adapter_service import restore_stored
     from loramux.server.api.state import ServerSettings, ServerState
     from loramux.server.config import EngineConfig
     from loramux.server.engine.engine import Engine
+    from loramux.server.finetune.job_store import JobStore
     from loramux.server.llm import load_base, resolve_dtype
 
     key = api_key(args)
@@ -60,7 +63,10 @@ def assemble_state(args: argparse.Namespace):
         allowed_adapter_roots=tuple(Path(r) for r in args.allowed_adapter_root),
         max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
         grammar_timeout_s=args.grammar_compile_timeout,
+        fine_tuning_threads=args.fine_tuning_threads, max_fine_tuning_jobs=args.max_fine_tuning_jobs,
     )
-    state = ServerState.assemble(Engine(net, tokenizer, config), store, settings)
+    files = FileStore(Path(args.data_dir) / "files", args.max_file_bytes)
+    jobs = JobStore(Path(args.data_dir) / "fine_tuning") if fine_tuning else None
+    state = ServerState.assemble(Engine(net, tokenizer, config), store, settings, files, jobs)
     restore_stored(state.adapters, store, net.cfg, config.max_lora_rank)
     return state

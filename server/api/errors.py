@@ -68,7 +68,9 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError):
         found = exc.errors()
         first = found[0] if found else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc[:1] in (["body"], ["query"], ["path"]):  # where the field was, not its name
+            loc = loc[1:]
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         param = ".".join(loc) or None
         return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")

@@ -9,6 +9,9 @@ from loramux.server.api.state import ServerState
 from loramux.server.errors import TooLarge
 
 OPEN_PATHS = ("/health", "/metrics")  # no API key, served while draining
+# Routes that count their streamed bodies against their own cap (a file upload's --max-file-bytes can be far
+# above --max-request-bytes), refusing a Content-Length above it before reading: the Gate does not buffer them.
+SELF_CAPPED = ("/v1/files",)
 
 
 class Gate:
@@ -36,9 +39,11 @@ class Gate:
         upload = scope["path"] == "/v1/adapters"
         cap = settings.max_upload_bytes if upload else settings.max_request_bytes
         length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > cap:
+        if scope["path"] in SELF_CAPPED:
+            pass  # the route streams its body to a temporary file under its own cap (routes_files.read_upload)
+        elif length.isdigit() and int(length) > cap:
             return await response_for(_too_large(upload, cap))(scope, receive, send)
-        if upload:  # the upload route streams its body (to temporary files): stop it at the cap
+        elif upload:  # the upload route streams its body (to temporary files): stop it at the cap
             receive = _capped_receive(receive, cap, _too_large(upload, cap))
         else:  # bodies parsed whole: read under the cap here, so no parser ever sees more
             body = await _read_body(receive, cap)

@@ -670,3 +670,26 @@ class LoadLoraAdapterRequest(BaseModel):
 class UnloadLoraAdapterRequest(BaseModel):
     lora_name: str
     lora_int_id: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# OpenAI's fine-tuning jobs
+# ---------------------------------------------------------------------------
+
+class FineTuningJobRequest(BaseModel):
+    """POST /v1/fine_tuning/jobs. The nested objects (method, hyperparameters, lora) are checked by the
+    recipe (server/finetune/recipe.py), the one place their ranges live; unknown top-level fields are
+    refused rather than silently dropped, since each changes what is trained."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    method: dict | None = None
+    hyperparameters: dict | None = None  # deprecated by OpenAI in favour of method.supervised.hyperparameters
+    lora: dict | None = None  # loramux's: r, lora_alpha, lora_dropout, target_modules, use_rslora, use_dora, ...
+    # part of the adapter's name, ft:<base>:<suffix>:<job-id>
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    integrations: list | None = None

@@ -71,7 +71,8 @@ class LoramuxReplica:
         from loramux.server.api.app import create_app
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        self.state = assemble_state(args)
+        # fine-tuning jobs run on `loramux serve`: N replicas would each run the shared queue
+        self.state = assemble_state(args, fine_tuning=False)
         self.mirror = StoreMirror(self.state)
         self.app = create_app(self.state)
         self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -47,7 +47,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(adapter_dir.parent / f"server-{self.port}.log", "w+")
         args = [sys.executable, "-m", "loramux.server", "serve", "--model", str(model), "--dtype", "float32",
-                "--adapter-dir", str(adapter_dir), "--port", str(self.port), "--api-key", KEY,
+                "--adapter-dir", str(adapter_dir), "--data-dir", str(adapter_dir.parent / "data"), "--port", str(self.port), "--api-key", KEY,
                 "--served-model-name", BASE, "--kv-cache-bytes", "8M", "--adapter-pool-bytes", "4M",
                 "--log-level", "warning", *extra]
         env = dict(os.environ)  # loramux is imported as installed (or through PYTHONPATH)

@@ -1,0 +1,1 @@
+"""Fine-tuning: training data, the recipe, jobs and the training worker (transformers + PEFT)."""
