@@ -59,8 +59,10 @@ def cluster(files):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({
             "model": str(files / "base"), "dtype": "float32", "adapter_dir": str(files / "store"),
+            "data_dir": str(files / "data"),
             "api_key": KEY, "served_model_name": BASE, "kv_cache_bytes": "8M", "adapter_pool_bytes": "4M",
             "num_replicas": "2", "replica_cpus": "1", "max_num_seqs": "8",
+            "max_upload_bytes": "1M", "max_file_bytes": "1M", "max_request_bytes": "256K",
         }), name="loramux", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         http = httpx.Client(base_url=url, headers=AUTH, timeout=120)
@@ -185,6 +187,15 @@ def test_upload_and_delete_through_the_ingress_reach_every_replica(cluster, file
         assert "a3" not in {m["id"] for m in r.json()["data"]}
 
     assert len(replicas_seen(http, "GET", "/v1/models", lacks_a3)) == 2
+
+
+def test_bodies_over_the_caps_are_refused_and_the_app_serves_on(cluster):
+    http, client = cluster
+    r = http.post("/v1/adapters", content=b"x" * (2 * 2**20), headers={"content-type": "application/octet-stream"})
+    assert assert_error(r, 413)["code"] == "request_too_large"  # at the ingress: beyond every route's cap
+    r = http.post("/v1/completions", content=b"x" * (512 * 2**10), headers={"content-type": "application/json"})
+    assert assert_error(r, 413)["code"] == "request_too_large"  # at the replica's gate: this route's cap
+    assert completion(client, "a1")[0].usage.completion_tokens == 8
 
 
 def prometheus_config(port: int) -> str:
@@ -321,8 +332,11 @@ def test_a_replica_registry_follows_the_shared_store(files):
             one.store.save("a3", config, weights)  # an upload through the first replica
             assert "a3" not in two.adapters
             assert await second.sync("a3") and two.adapters.get("a3").info.sha256 == one.store.read("a3")[2].sha256
+            two.metrics.adapter_tokens.labels("a3").inc(5)  # a3 served here
+            assert 'adapter="a3"' in two.metrics.render().decode()
             one.store.delete("a3")  # a delete through the first
             assert not await second.sync("a3") and "a3" not in two.adapters
+            assert 'adapter="a3"' not in two.metrics.render().decode()  # its series go, as after a delete here
             a2 = files / "allowed" / "a2"
             one.store.delete("a1")  # a1 deleted and uploaded again with other weights (a2's)
             new = one.store.save("a1", (a2 / "adapter_config.json").read_bytes(),

@@ -50,6 +50,7 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
     proc = subprocess.Popen(
         [sys.executable, "-m", "loramux.server", "ray-serve", "--ray-address", ray_head, "--port", str(port),
          "--model", str(files / "base"), "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
+         "--data-dir", str(tmp_path / "data"),
          "--api-key", KEY, "--served-model-name", BASE, "--kv-cache-bytes", "8M", "--adapter-pool-bytes", "4M",
          "--num-replicas", "1", "--replica-cpus", "1", "--max-num-seqs", "1", "--drain-timeout", "120"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -71,6 +72,8 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
                 return False
 
         assert wait_for(healthy, timeout=180), output()
+        # the process has deployed (serve.run returned): what an operator's SIGTERM meets in service
+        assert wait_for(lambda: "loramux on Ray Serve:" in output(), timeout=60), output()
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         first_chunk = threading.Event()
         finished: dict[int, object] = {}

@@ -63,7 +63,7 @@ def application(args: argparse.Namespace) -> Application:
     ingress = LoramuxIngress.options(max_ongoing_requests=ongoing * max(args.num_replicas, args.max_replicas or 0),
                                      graceful_shutdown_timeout_s=args.drain_timeout,
                                      ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replicas, board, served_name(args))
+    return ingress.bind(replicas, board, served_name(args), max(args.max_upload_bytes, args.max_file_bytes, args.max_request_bytes))
 
 
 def parse_builder_args(builder_args: dict) -> argparse.Namespace:
@@ -101,12 +101,15 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ray.init(address=args.ray_address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    ingress = serve.run(application(args), name=APP_NAME, route_prefix="/")
-    log.info("loramux on Ray Serve: http://%s:%d (%s replicas)", args.host, args.port, args.num_replicas)
+    # Handlers go in before the deploy: the proxy serves as soon as the ingress is up, which is
+    # before serve.run returns, and a SIGTERM in that window must drain, not kill the process.
+    # (After ray.init, whose own handler would otherwise replace them.)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": args.host, "port": args.port})
+    ingress = serve.run(application(args), name=APP_NAME, route_prefix="/")
+    log.info("loramux on Ray Serve: http://%s:%d (%s replicas)", args.host, args.port, args.num_replicas)
     stop.wait()
     log.info("draining (up to %.0f s)", args.drain_timeout)
     drain(ingress, args.drain_timeout)

@@ -54,10 +54,12 @@ def adapter_of(path: str, body: bytes, base_model: str) -> str:
 @serve.deployment(name="LoramuxIngress")
 @serve.ingress(api)
 class LoramuxIngress:
-    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, base_model: str):
+    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, base_model: str, max_body_bytes: int):
         self.replicas = replicas
         self.board = board
         self.base_model = base_model
+        # the largest body any route takes; the replica's gate applies each route's own cap
+        self.max_body_bytes = max_body_bytes
         self.draining = False
         self.inflight = 0  # requests relayed and not yet fully sent (streams included)
 
@@ -86,8 +88,24 @@ class LoramuxIngress:
             self.inflight -= 1
         return response
 
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None once it passes max_body_bytes (read no further: a client
+        cannot make the ingress hold more than that)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                return None
+        return bytes(body)
+
     async def _relay(self, request: Request):
-        body = await request.body()
+        body = await self._read_body(request)
+        if body is None:
+            return error_response(413, f"the request body is larger than the limit of {self.max_body_bytes} bytes",
+                                  code="request_too_large")
         path = request.url.path
         forwarded = ForwardedRequest(request.method, path, request.url.query.encode("latin-1"),
                                      tuple(request.headers.items()), body)

@@ -12,11 +12,15 @@ store:
 
 The check reads one small file (meta.json), off the event loop. Ray's
 multiplexing evicting an adapter from this replica unregisters it (`drop`):
-the pool forgets its weights once in-flight requests finish with them.
+the pool forgets its weights once in-flight requests finish with them. An
+adapter unregistered here loses its metrics series, as after a delete through
+the API; that runs in the engine thread (where the series are fed), at the
+next check.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 
@@ -38,6 +42,7 @@ class StoreMirror:
         core = state.engine.engine
         self.model_cfg = core.model.cfg
         self.max_rank = core.config.max_lora_rank
+        self._unregistered: collections.deque[str] = collections.deque()  # their metrics still to forget
 
     def _stored_sha(self, name: str) -> str | None:
         try:
@@ -76,11 +81,19 @@ class StoreMirror:
         try:
             self.registry.unregister(name)  # in-flight requests keep its weights (AdapterPool.detach)
         except LoramuxError:
-            pass
+            return
+        self._unregistered.append(name)
+
+    async def _forget_metrics(self) -> None:
+        while self._unregistered:
+            name = self._unregistered.popleft()
+            await self.state.engine.call(lambda e, name=name: self.state.metrics.forget_adapter(name))
 
     async def sync(self, name: str) -> bool:
         async with self.state.adapter_lock:
-            return await asyncio.to_thread(self._sync, name)
+            registered = await asyncio.to_thread(self._sync, name)
+            await self._forget_metrics()
+            return registered
 
     async def sync_all(self) -> None:
         """Every stored adapter registered here and every deleted one gone (for listings)."""
@@ -93,6 +106,7 @@ class StoreMirror:
                 for name in stored:
                     self._sync(name)
             await asyncio.to_thread(run)
+            await self._forget_metrics()
 
     def drop(self, name: str) -> None:
         """Ray evicted `name` from this replica: unregister an adapter that came from
