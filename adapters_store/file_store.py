@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from loramux.adapters_store.durable import fsync_dir, write_synced
 from loramux.server.errors import NotFound, TooLarge
 
 log = logging.getLogger("loramux.file_store")
@@ -55,23 +56,6 @@ class FileObject:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed",
                 "status_details": None, "expires_at": None}
-
-
-# The same two steps as adapters_store/store.py's, kept here so that this
-# module (imported by the command line for its defaults) does not pull in torch.
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_file_id(text: object) -> bool:
@@ -117,11 +101,11 @@ class FileStore:
         meta = {"filename": stored.filename, "purpose": purpose, "bytes": stored.bytes, "created_ns": created_ns}
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=_TMP_PREFIX))
         try:
-            _write(tmp / CONTENT_NAME, data)
-            _write(tmp / META_NAME, json.dumps(meta).encode())
-            _fsync_dir(tmp)
+            write_synced(tmp / CONTENT_NAME, data)
+            write_synced(tmp / META_NAME, json.dumps(meta).encode())
+            fsync_dir(tmp)
             os.replace(tmp, self.root / stored.id)  # atomic; a (2^-96) taken id fails: non-empty folder
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -186,5 +170,5 @@ class FileStore:
             return False
         finally:
             shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return True

@@ -51,6 +51,7 @@ from pathlib import Path
 import re2
 import torch
 
+from loramux.adapters_store.durable import replace_synced
 from loramux.server.config import LORA_MODULES, ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -749,14 +750,7 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config_bytes, weights_bytes = peft_files(adapter)
-    _write_atomic(folder / WEIGHTS_NAME, weights_bytes)
-    _write_atomic(folder / CONFIG_NAME, config_bytes)
+    replace_synced(folder / WEIGHTS_NAME, weights_bytes)
+    replace_synced(folder / CONFIG_NAME, config_bytes)
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from loramux.adapters_store.durable import fsync_dir, write_synced
 from loramux.server.config import ModelConfig
 from loramux.adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter, parse_peft_adapter
 
@@ -56,21 +57,6 @@ class StoredAdapter:
     size: int  # bytes of adapter_model.safetensors
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class AdapterStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -98,15 +84,15 @@ class AdapterStore:
         meta = StoredAdapter(name, hashlib.sha256(weights_bytes).hexdigest(), int(time.time()), len(weights_bytes))
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=_TMP_PREFIX))
         try:
-            _write(tmp / CONFIG_NAME, config_bytes)
-            _write(tmp / WEIGHTS_NAME, weights_bytes)
-            _write(tmp / META_NAME, json.dumps(
+            write_synced(tmp / CONFIG_NAME, config_bytes)
+            write_synced(tmp / WEIGHTS_NAME, weights_bytes)
+            write_synced(tmp / META_NAME, json.dumps(
                 {"sha256": meta.sha256, "created": meta.created, "size": meta.size}).encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if target.exists():
                 raise FileExistsError(name)
             os.rename(tmp, target)  # atomic; fails if target appeared as a non-empty folder
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if target.exists():
@@ -120,7 +106,7 @@ class AdapterStore:
             return False
         trash = Path(tempfile.mkdtemp(dir=self.root, prefix=_TMP_PREFIX))
         os.rename(target, trash / name)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
         return True
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from helpers.live_server import KEY, Server, assert_error
+from helpers.live_server import KEY, Server, assert_error, post_endless_multipart
 from helpers.tiny import make_chat_model
 from loramux.adapters_store.file_store import FileStore, clean_filename
 from loramux.server.errors import NotFound, TooLarge
@@ -363,21 +363,9 @@ def test_the_file_cap_not_the_request_cap_bounds_an_upload_and_is_counted_as_it_
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n"
                 ).encode()
-        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
-            sock.sendall((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                          f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                          "Transfer-Encoding: chunked\r\n\r\n").encode())
-            for chunk in [head] + [row * 64] * (2 * FILE_CAP // (64 * len(row)) + 2):
-                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-            reply = b""
-            while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
-                    reply.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
-                more = sock.recv(65536)
-                assert more, reply
-                reply += more
-        head_text, payload = reply.split(b"\r\n\r\n", 1)
-        assert head_text.split()[1] == b"413", reply
-        assert json.loads(payload)["error"]["code"] == "file_too_large"
+        status, body = post_endless_multipart(s.port, "/v1/files", boundary, head,
+                                              [row * 64] * (2 * FILE_CAP // (64 * len(row)) + 2))
+        assert status == 413 and body["error"]["code"] == "file_too_large"
         assert len(stored(tmp_path)) == 1  # the first file only: no temp folder
     finally:
         s.stop()

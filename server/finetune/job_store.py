@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from loramux.adapters_store.durable import replace_synced
 from loramux.server.errors import NotFound
 
 log = logging.getLogger("loramux.fine_tuning")
@@ -33,24 +34,6 @@ JOB_NAME = "job.json"
 EVENTS_NAME = "events.jsonl"
 CHECKPOINTS_NAME = "checkpoints.jsonl"
 WORK_NAME = "work"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _append(path: Path, obj: dict) -> None:
@@ -125,7 +108,7 @@ class JobStore:
     def _write(folder: Path, record: dict) -> dict:
         """Write job.json; the record as it reads back (JSON's types), which is what is kept in memory."""
         data = json.dumps(record).encode()
-        _replace(folder / JOB_NAME, data)
+        replace_synced(folder / JOB_NAME, data)
         return json.loads(data)
 
     def get(self, job_id: str) -> dict:

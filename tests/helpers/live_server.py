@@ -141,3 +141,24 @@ def make_api_files(root: Path) -> Path:
     make_adapter(root / "base", root / "allowed" / "a1", r=8, alpha=16, seed=1)
     make_adapter(root / "base", root / "allowed" / "a2", r=4, alpha=8, seed=2, target_modules=("q_proj", "v_proj"))
     return root
+
+
+def post_endless_multipart(port: int, path: str, boundary: str, head: bytes, chunks, timeout: float = 30) -> tuple[int, dict]:
+    """POST a chunked multipart body (no Content-Length) of head then chunks, never ending it: a
+    server can only answer if it counts the bytes as they arrive. (status, JSON body) of the reply."""
+    import json
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n").encode())
+        for chunk in [head, *chunks]:
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                reply.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
+            more = sock.recv(65536)
+            assert more, reply
+            reply += more
+    head_text, payload = reply.split(b"\r\n\r\n", 1)
+    return int(head_text.split()[1]), json.loads(payload)
