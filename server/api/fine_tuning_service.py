@@ -81,6 +81,9 @@ class FineTuningService:
         self._running: dict[str, JobProcess] = {}
         self._runners: list[asyncio.Task] = []
         self._finished: dict[str, asyncio.Event] = {}
+        # a cancel and a runner's queued -> running take this, so neither acts on a status the other changed
+        self._transition = asyncio.Lock()
+        self._cancelling: set[str] = set()  # running jobs asked to stop (their worker may still be starting)
 
     # -- the API ------------------------------------------------------------
 
@@ -126,14 +129,17 @@ class FineTuningService:
         return await asyncio.to_thread(self.jobs.checkpoints, job_id, after, limit)
 
     async def cancel(self, job_id: str) -> dict:
-        job = await self.get(job_id)
-        if job["status"] in FINAL:
-            raise Invalid(f"job `{job_id}` has already {'been ' if job['status'] == 'cancelled' else ''}"
-                          f"{job['status']}", "fine_tuning_job_id", "job_not_cancellable")
-        process = self._running.get(job_id)
-        if process is None:  # not started: the runner skips it
-            return await self._end(job_id, "cancelled")
-        process.cancel()
+        async with self._transition:
+            job = await self.get(job_id)
+            if job["status"] in FINAL:
+                raise Invalid(f"job `{job_id}` has already {'been ' if job['status'] == 'cancelled' else ''}"
+                              f"{job['status']}", "fine_tuning_job_id", "job_not_cancellable")
+            if job["status"] != "running":  # not started: the runner skips it
+                return await self._end(job_id, "cancelled")
+            self._cancelling.add(job_id)
+            process = self._running.get(job_id)
+            if process is not None:  # else the runner cancels it as soon as it has started it
+                process.cancel()
         done = self._finished.setdefault(job_id, asyncio.Event())
         try:
             await asyncio.wait_for(done.wait(), CANCEL_WAIT_S)
@@ -212,8 +218,10 @@ class FineTuningService:
     async def _run_queue(self) -> None:
         while True:
             job_id = await self._queue.get()
-            if (await self.get(job_id))["status"] != "queued":  # cancelled while it waited
-                continue
+            async with self._transition:
+                if (await self.get(job_id))["status"] != "queued":  # cancelled while it waited
+                    continue
+                await asyncio.to_thread(self.jobs.update, job_id, status="running")
             try:
                 await self._run(job_id)
             except Exception as exc:  # one job's failure must never stop the queue
@@ -230,9 +238,10 @@ class FineTuningService:
                        lora=parse_lora(job["lora"], self.adapters.max_rank),
                        hyperparameters=parse_hyperparameters(job["hyperparameters"]), work_dir=work,
                        seed=job["seed"], threads=self.threads)
-        await asyncio.to_thread(self.jobs.update, job_id, status="running")
         await asyncio.to_thread(self.jobs.add_event, job_id, "Fine-tuning job started")
         process = self._running[job_id] = await asyncio.to_thread(JobProcess, spec)
+        if job_id in self._cancelling:  # cancelled while the worker started
+            process.cancel()
         try:
             while True:
                 report = await asyncio.to_thread(process.next_report, REPORT_POLL_S)
@@ -294,6 +303,7 @@ class FineTuningService:
                    "failed": f"The job failed: {error['message'] if error else ''}"}[status]
         await asyncio.to_thread(self.jobs.add_event, job_id, message, level="error" if status == "failed" else "info")
         await asyncio.to_thread(self.jobs.discard_work, job_id, keep_checkpoints=status != "cancelled")
+        self._cancelling.discard(job_id)
         done = self._finished.pop(job_id, None)
         if done is not None:
             done.set()

@@ -165,6 +165,9 @@ def _chat_row(messages) -> ChatRow:
     for i in learned:
         if not turns[i].content:
             raise _Refused(f"messages[{i}]: the assistant turn to learn from is empty")
+    if learned[0] == 0:  # the chat template has no prompt to condition it on (tokenize.py relies on this)
+        raise _Refused("messages[0]: a learned assistant turn cannot be a conversation's first message; put a "
+                       "user (or system) message before it, or give it weight 0")
     return ChatRow(turns)
 
 
