@@ -166,7 +166,7 @@ class LlamaModel:
                 vs = v[p.start : p.start + p.num_new]
                 mask, causal = None, True
             else:
-                ks, vs = k_cache[p.kv_slots], v_cache[p.kv_slots]  # [ctx, KV, D]
+                ks, vs = k_cache.index_select(0, p.kv_slots), v_cache.index_select(0, p.kv_slots)  # [ctx, KV, D]
                 mask, causal = p.mask, False
             o = F.scaled_dot_product_attention(
                 qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
@@ -176,8 +176,12 @@ class LlamaModel:
         if attn.decode is not None:
             d = attn.decode
             qd = q[d.token_index][:, :, None, :]  # [B, H, 1, D]
-            kd = k_cache[d.kv_slots].transpose(1, 2)  # [B, KV, C, D]
-            vd = v_cache[d.kv_slots].transpose(1, 2)
+            # index_select over the flat slots, not k_cache[kv_slots]: the same rows, but aten::index's
+            # generic advanced indexing costs 2-4x as much per step here (bench/lora_overhead.py)
+            slots = d.kv_slots.reshape(-1)
+            shape = (*d.kv_slots.shape, *k_cache.shape[1:])  # [B, C, KV, D]
+            kd = k_cache.index_select(0, slots).view(shape).transpose(1, 2)  # [B, KV, C, D]
+            vd = v_cache.index_select(0, slots).view(shape).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, enable_gqa=True)
             out[d.token_index] = o[:, :, 0, :]
         return out.reshape(q.shape[0], -1)
