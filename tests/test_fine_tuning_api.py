@@ -139,6 +139,17 @@ def test_a_job_trains_reports_and_its_model_is_served_as_peft_computes_it(served
     assert info["rank"] == 4 and info["lora_alpha"] == 32
     assert http.get(f"/v1/adapters/{job.fine_tuned_model}/download").status_code == 200
     assert any(j.id == job.id for j in client.fine_tuning.jobs.list().data)
+    # OpenAI's model calls: retrieve, and delete (of the fine-tuned model, never the base)
+    card = client.models.retrieve(job.fine_tuned_model)
+    assert card.id == job.fine_tuned_model and card.model_extra["parent"] == BASE
+    assert client.models.retrieve(BASE).id == BASE
+    with pytest.raises(openai.BadRequestError):
+        client.models.delete(BASE)
+    assert client.models.delete(job.fine_tuned_model).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(job.fine_tuned_model)
+    assert not (root / "adapters" / job.fine_tuned_model).exists()
+    assert client.completions.create(model=BASE, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_a_dora_job_with_lora_plus_is_served_exactly(served, model):

@@ -10,6 +10,7 @@ from loramux.server.api.protocol import (
     AdapterInfo, AdapterList, ErrorResponse, LoadLoraAdapterRequest, MergeRequest, MergeResponse,
     UnloadLoraAdapterRequest,
 )
+from loramux.server.errors import Invalid
 
 
 def _deleted(name: str) -> dict:
@@ -54,6 +55,15 @@ def adapters_router(service: AdapterService) -> APIRouter:
         files = await service.files(name)
         return StreamingResponse(tar_stream(name, files), media_type="application/x-tar",
                                  headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
+
+    @router.delete("/v1/models/{model}", responses={k: {"model": ErrorResponse} for k in (400, 404)})
+    async def delete_model(model: str):
+        """OpenAI's delete of a fine-tuned model: here, any adapter (the base cannot be deleted)."""
+        if model == state.settings.served_model_name:
+            raise Invalid(f"`{model}` is the base model; only adapters can be deleted", "model", "model_not_deletable")
+        async with service.lock:
+            await service.unregister(model)
+        return {"id": model, "object": "model", "deleted": True}
 
     @router.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest):

@@ -223,14 +223,23 @@ def openai_router(state: ServerState, service: GenerationService) -> APIRouter:
         gen = await service.start(body, [ids], body.token_limit(), logprobs, adapter, guide=guide)
         return await _respond(service, request, body, gen, stream, collect)
 
+    def base_card() -> ModelCard:
+        return ModelCard(id=state.settings.served_model_name, created=state.created, root=state.settings.model_root,
+                         max_model_len=service.context_len)
+
+    def adapter_card(name: str, created: int) -> ModelCard:
+        return ModelCard(id=name, created=created, root=name, parent=state.settings.served_model_name,
+                         max_model_len=service.context_len)
+
     @router.get("/v1/models", response_model=ModelList)
     async def models():
-        base = state.settings.served_model_name
-        cards = [ModelCard(id=base, created=state.created, root=state.settings.model_root,
-                           max_model_len=service.context_len)]
-        cards += [ModelCard(id=e.name, created=e.info.created, root=e.name, parent=base,
-                            max_model_len=service.context_len)
-                  for e in state.adapters.entries()]
-        return ModelList(data=cards)
+        return ModelList(data=[base_card()] + [adapter_card(e.name, e.info.created) for e in state.adapters.entries()])
+
+    @router.get("/v1/models/{model}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def retrieve_model(model: str):
+        if model == state.settings.served_model_name:
+            return base_card()
+        entry = state.adapters.lookup(model, "model", "model_not_found")  # 404
+        return adapter_card(model, entry.info.created)
 
     return router
