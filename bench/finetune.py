@@ -70,7 +70,8 @@ def train_loramux(model_dir: Path, data, lora, hp, out: Path) -> int:
 
 
 def train_direct(model_dir: Path, data, lora, hp, out: Path) -> int:
-    """The same training in plain transformers + PEFT: HF's causal-LM loss on the rows' labels."""
+    """The same training in plain transformers + PEFT: HF's causal-LM loss (the token-weighted mean over
+    labels != -100) on the rows' labels, the trainer's batches in the trainer's seeded order."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
@@ -85,10 +86,12 @@ def train_direct(model_dir: Path, data, lora, hp, out: Path) -> int:
     steps = math.ceil(len(rows) / hp.batch_size) * hp.n_epochs
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, math.ceil(hp.warmup_ratio * steps)), steps)
     model.train()
+    order = torch.Generator().manual_seed(0)  # the trainer's batches (seed 0): the same rows, the same padding
     tokens = 0
     for _ in range(hp.n_epochs):
+        shuffled = [rows[i] for i in torch.randperm(len(rows), generator=order).tolist()]
         for i in range(0, len(rows), hp.batch_size):
-            batch = rows[i:i + hp.batch_size]
+            batch = shuffled[i:i + hp.batch_size]
             width = max(len(e.input_ids) for e in batch)
             ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in batch])
             labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
@@ -104,7 +107,7 @@ def train_direct(model_dir: Path, data, lora, hp, out: Path) -> int:
 
 
 def trainer_rows(model_dir: Path, threads: int, repeats: int) -> dict:
-    """Tokens/s of both trainers, runs alternated, medians."""
+    """Tokens/s of both trainers, runs alternated (ABBA: neither always goes first), medians."""
     import torch
 
     from loramux.server.finetune.recipe import parse_hyperparameters, parse_lora
@@ -115,8 +118,9 @@ def trainer_rows(model_dir: Path, threads: int, repeats: int) -> dict:
     data = encoded_rows(model_dir, hp)
     rates: dict[str, list[float]] = {"loramux": [], "direct": []}
     with tempfile.TemporaryDirectory() as tmp:
+        pair = (("direct", train_direct), ("loramux", train_loramux))
         for i in range(repeats):
-            for name, fn in (("direct", train_direct), ("loramux", train_loramux)):
+            for name, fn in pair if i % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
                 tokens = fn(model_dir, data, lora, hp, Path(tmp) / f"{name}-{i}")
                 rates[name].append(tokens / (time.perf_counter() - t0))
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", "--json", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -192,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         from loramux.server.model.loader import resolve_model_dir
 
         model, model_dir = "default", resolve_model_dir("default")
+    started = time.monotonic()
     results = {"model": "tiny" if args.smoke else "SmolLM2-135M-Instruct",
                "training": trainer_rows(model_dir, args.threads, args.repeats),
                "serving": serving_rows(model, args)}
+    results["elapsed_s"] = time.monotonic() - started
     t, s = results["training"], results["serving"]
     print(f"training, {t['rows']} rows ({t['tokens_per_epoch']} tokens), batch 4, r 16, {t['threads']} thread(s):")
     print(f"  loramux trainer {t['loramux_tokens_per_s']:.0f} tok/s, direct PEFT {t['direct_tokens_per_s']:.0f} tok/s,"
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving ({args.requests} requests, {args.concurrency} concurrent, {args.max_tokens} tokens):")
     print(f"  idle {s['idle_tokens_per_s']:.1f} tok/s, during a job {s['during_job_tokens_per_s']:.1f} tok/s, "
           f"ratio {s['ratio']:.3f}{job}")
+    print(f"({results['elapsed_s']:.0f} s)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
