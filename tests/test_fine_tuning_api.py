@@ -265,3 +265,17 @@ def test_a_job_the_killed_server_was_running_is_failed_at_the_next_start(model, 
         assert finished(client, queued.id).status == "succeeded"
     finally:
         again.stop()
+
+
+def test_sigterm_stops_a_training_job_and_records_it_failed(model, tmp_path):
+    server = start(model, tmp_path)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    train = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=train.id,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    assert wait_for(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data),
+                    timeout=120)
+    assert server.stop(60) == 0  # the drain does not wait for a job: it is stopped within a step
+    record = json.loads((tmp_path / "fine_tuning" / job.id / "job.json").read_text())["job"]
+    assert record["status"] == "failed" and record["error"]["code"] == "server_stopped"
+    assert not any(job.id in p.name for p in (tmp_path / "adapters").iterdir())

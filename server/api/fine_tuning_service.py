@@ -164,6 +164,7 @@ class FineTuningService:
 
     async def close(self) -> None:
         """Stop the runners; a job in training is stopped and marked failed (code server_stopped)."""
+        running = list(self._running.items())  # before the runners go: theirs drop out of _running as they end
         for task in self._runners:
             task.cancel()
         for task in self._runners:
@@ -171,7 +172,7 @@ class FineTuningService:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        for job_id, process in list(self._running.items()):
+        for job_id, process in running:
             await asyncio.to_thread(process.stop)
             await self._end(job_id, "failed", error={
                 "code": "server_stopped", "param": None,
