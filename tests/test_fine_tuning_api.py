@@ -237,10 +237,15 @@ def test_unknown_jobs_are_404(served):
     assert_error(http.get("/v1/fine_tuning/jobs", params={"after": "ftjob-x"}), 404)
 
 
-def test_a_job_the_killed_server_was_running_is_failed_at_the_next_start(model, tmp_path):
-    server = start(model, tmp_path)
+def own_server(model: Path, root: Path):
+    """(a server of the test's own, its client, the id of the training file uploaded to it)."""
+    server = start(model, root)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    train = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    return server, client, client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+
+
+def test_a_job_the_killed_server_was_running_is_failed_at_the_next_start(model, tmp_path):
+    server, client, train = own_server(model, tmp_path)
     job = client.fine_tuning.jobs.create(model=BASE, training_file=train.id,
                                          hyperparameters={"n_epochs": 50, "batch_size": 8})
     queued = client.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters=FAST)
@@ -268,9 +273,7 @@ def test_a_job_the_killed_server_was_running_is_failed_at_the_next_start(model, 
 
 
 def test_sigterm_stops_a_training_job_and_records_it_failed(model, tmp_path):
-    server = start(model, tmp_path)
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    train = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    server, client, train = own_server(model, tmp_path)
     job = client.fine_tuning.jobs.create(model=BASE, training_file=train.id,
                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
     assert wait_for(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data),
