@@ -101,7 +101,9 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
         refused = []
 
         def new_request_refused() -> bool:
-            r = http.post("/v1/completions", json={"model": BASE, "prompt": PROMPT, "max_tokens": 1})
+            # a request the replica answers at once (a completion would queue behind the streams, and
+            # one sent just before the drain could outlast the whole application)
+            r = http.get("/v1/models")
             if r.status_code == 503:
                 refused.append(assert_error(r, 503))
                 return True
@@ -110,6 +112,8 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
 
         assert wait_for(new_request_refused, timeout=30), output()
         assert refused[0]["code"] == "draining"
+        r = http.post("/v1/completions", json={"model": BASE, "prompt": PROMPT, "max_tokens": 1})
+        assert assert_error(r, 503)["code"] == "draining"  # while the streams still run
         for t in threads:
             t.join(180)
         assert finished == {i: (TOKENS, ["length"]) for i in range(3)}, output()  # whole, none cut
