@@ -80,7 +80,7 @@ class FineTuningService:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._running: dict[str, JobProcess] = {}
         self._runners: list[asyncio.Task] = []
-        self._finished: dict[str, asyncio.Event] = {}
+        self._finished: dict[str, asyncio.Event] = {}  # set when a job a cancel waits on ends
         # a cancel and a runner's queued -> running take this, so neither acts on a status the other changed
         self._transition = asyncio.Lock()
         self._cancelling: set[str] = set()  # running jobs asked to stop (their worker may still be starting)
@@ -112,15 +112,14 @@ class FineTuningService:
                "lora": dataclasses.asdict(lora), "metrics": None}  # extensions: the adapter's shape, the losses
         job = await asyncio.to_thread(self.jobs.create, job)
         await asyncio.to_thread(self.jobs.add_event, job["id"], f"Created fine-tuning job: {job['id']}")
-        self._finished[job["id"]] = asyncio.Event()
         job = await self._validate(job["id"])
         return job
 
     async def get(self, job_id: str) -> dict:
-        return await asyncio.to_thread(self.jobs.get, job_id)
+        return self.jobs.get(job_id)  # held in memory: no disk read
 
     async def list(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
-        return await asyncio.to_thread(self.jobs.list, after, limit)
+        return self.jobs.list(after, limit)
 
     async def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
         return await asyncio.to_thread(self.jobs.events, job_id, after, limit)
@@ -151,14 +150,13 @@ class FineTuningService:
 
     async def start(self) -> None:
         """Recover jobs a previous run left, then start the runners."""
-        for job in await asyncio.to_thread(self.jobs.jobs):
+        for job in self.jobs.jobs():
             if job["status"] == "running":
                 await self._end(job["id"], "failed", error={
                     "code": "server_stopped", "param": None,
                     "message": "the server stopped while this job was running; its checkpoints are kept "
                                "(GET .../checkpoints); create the job again to train the adapter"})
             elif job["status"] in ACTIVE:
-                self._finished[job["id"]] = asyncio.Event()
                 await self._validate(job["id"])
         self._runners = [asyncio.create_task(self._run_queue()) for _ in range(self.max_running)]
 
@@ -232,6 +230,7 @@ class FineTuningService:
 
     async def _run(self, job_id: str) -> None:
         job = await self.get(job_id)
+        name = fine_tuned_name(self.base_name, job["user_provided_suffix"], job_id)
         work = self.jobs.work_dir(job_id)
         spec = JobSpec(base_dir=self.base_dir, training_path=work / "training.jsonl",
                        validation_path=work / "validation.jsonl" if job["validation_file"] else None,
@@ -258,18 +257,17 @@ class FineTuningService:
                                             data=data)
                 elif kind == "checkpoint":
                     await asyncio.to_thread(self.jobs.add_checkpoint, job_id, report["step"],
-                                            f"{fine_tuned_name(self.base_name, job['user_provided_suffix'], job_id)}"
-                                            f":ckpt-step-{report['step']}", report["metrics"])
+                                            f"{name}:ckpt-step-{report['step']}", report["metrics"])
                     await asyncio.to_thread(self.jobs.add_event, job_id,
                                             f"Checkpoint created at step {report['step']}")
                 else:
                     await asyncio.to_thread(process.join)
-                    await self._finish(job_id, report)
+                    await self._finish(job_id, name, report)
                     return
         finally:
             self._running.pop(job_id, None)
 
-    async def _finish(self, job_id: str, report: dict) -> None:
+    async def _finish(self, job_id: str, name: str, report: dict) -> None:
         if report["type"] == "cancelled":
             await self._end(job_id, "cancelled")
             return
@@ -277,8 +275,6 @@ class FineTuningService:
             await self._end(job_id, "failed", error={"code": "training_failed", "param": None,
                                                      "message": report["message"]})
             return
-        job = await self.get(job_id)
-        name = fine_tuned_name(self.base_name, job["user_provided_suffix"], job_id)
         folder = Path(report["adapter_dir"])
         config_bytes, weights_bytes = await asyncio.to_thread(
             lambda: ((folder / CONFIG_NAME).read_bytes(), (folder / WEIGHTS_NAME).read_bytes()))
