@@ -14,11 +14,13 @@ segments, five ways, for decode (T = 1..256) and prefill shapes, ranks 8..64,
 On CUDA (bf16, Llama-3-8B shapes) it prints µs (L2 flushed before each call,
 and replayed from a CUDA graph), achieved GB/s and TFLOP/s, and two targets
 first: decode at T=64 over 64 rank-16 adapters as % of the H200 memory
-roofline, and the LoRA share of a Llama-3-8B decoder layer's GEMM time.
+roofline, and the LoRA share of a Llama-3-8B decoder layer's GEMM time; then
+paged decode attention (kernels/paged_attention.py) at Llama-3-8B shapes as %
+of the same roofline (--no-attention skips it).
 On CPU (fp32, SmolLM2-135M shapes, the model the CPU path serves) it times the
 torch variants and says which is fastest, decode and prefill.
 
-    python3 bench/kernels.py [--quick] [--dtype bf16|fp16|fp32] [--threads N] [--budget-s 150] [--summary FILE]
+    python3 bench/kernels.py [--quick] [--dtype bf16|fp16|fp32] [--no-attention] [--threads N] [--budget-s 150] [--summary FILE]
 """
 from __future__ import annotations
 
@@ -306,12 +308,55 @@ def cuda_targets(dtype: torch.dtype, dev: str = "cuda") -> list[tuple[str, str]]
     return rows
 
 
+# --------------------------------------------------------------------------
+# Paged decode attention (kernels/paged_attention.py), CUDA only
+
+# Llama-3-8B attention: 32 query heads over 8 kv heads of 128; (batch, context) per row
+ATTENTION_SHAPES = ((64, 1024), (8, 4096))
+
+
+def attention_targets(dtype: torch.dtype, dev: str = "cuda") -> list[tuple[str, str]]:
+    """One decode step of Llama-3-8B attention over a paged cache (blocks of 16 at
+    shuffled places in the pool) as % of the H200 memory roofline: every K and V
+    row of every context read once, q and out once. L2-flushed times."""
+    from loramux.kernels import reference
+    from loramux.kernels.paged_attention import paged_decode_attention
+
+    heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
+    rows = []
+    for batch, ctx in ATTENTION_SHAPES:
+        gen = torch.Generator().manual_seed(batch * ctx)
+        blocks = ctx // block_size
+        table = torch.randperm(batch * blocks, generator=gen).view(batch, blocks).to(dev, torch.int32)
+        k_cache = torch.randn(batch * ctx, kv_heads, head_dim, device=dev, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(batch, heads, head_dim, device=dev, dtype=dtype)
+        lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+        out = torch.empty_like(q)
+
+        def call():
+            paged_decode_attention(q, k_cache, v_cache, table, lens, block_size, head_dim**-0.5, out=out)
+
+        call()
+        want = reference.paged_decode_attention_ref(q[:2], k_cache, v_cache, table[:2], lens[:2], block_size,
+                                                    head_dim**-0.5)
+        torch.testing.assert_close(out[:2].float(), want, rtol=2e-2, atol=2e-2, msg=lambda m: f"attention: {m}")
+        moved = 2 * k_cache.numel() * k_cache.element_size() + 2 * q.numel() * q.element_size() + table.numel() * 4
+        cold, graph = time_cuda(call, graph=False), time_cuda(call, graph=True)
+        roofline = moved / H200_BYTES_PER_S
+        rows.append((f"paged decode attention B={batch} ctx={ctx}: % of HBM roofline",
+                     f"{100 * roofline / cold:.1f}%  ({cold * 1e6:.1f} us, {moved / cold / 1e9:.0f} GB/s; "
+                     f"roofline {roofline * 1e6:.1f} us for {moved / 1e6:.1f} MB; graph {graph * 1e6:.1f} us)"))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes, short timings (< 60 s on a CPU)")
     ap.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop the sweep after this long")
     ap.add_argument("--summary", help="also write the summary table to this file")
+    ap.add_argument("--no-attention", action="store_true", help="skip the paged decode attention rows (CUDA)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a "
                     "shared machine 1 avoids waiting on a busy core at every parallel op")
     args = ap.parse_args(argv)
@@ -330,6 +375,8 @@ def main(argv=None) -> int:
     summary: list[tuple[str, str]] = []
     if cuda:
         summary += cuda_targets(dtype)
+        if not args.no_attention:
+            summary += attention_targets(dtype)
         for label, value in summary:
             print(f"TARGET {label}: {value}")
 

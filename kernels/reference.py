@@ -91,3 +91,32 @@ def lora_expand(
             if dora_scale is not None:
                 new = new * dora_scale[slot, lo:hi].float()
             rows.copy_(new.to(out.dtype))
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """out[b, h] = softmax(q[b, h] @ K[b, h // G].T * scale) @ V[b, h // G], G = H // KV.
+
+    The paged-KV layout is kernels/paged_attention.py's: token t of sequence b
+    is in slot block_table[b, t // block_size] * block_size + t % block_size.
+    q: [B, H, D], k_cache/v_cache: [num_slots, KV, D] -> out: [B, H, D] float32,
+    by gathering each sequence's slots and one plain float32 softmax.
+    """
+    batch, heads, _ = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        pos = torch.arange(int(ctx_lens[b]), device=q.device)
+        slots = block_table[b, pos // block_size].long() * block_size + pos % block_size  # [L]
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, dim=-1)  # [H, L]
+        out[b] = torch.einsum("hl,lhd->hd", probs, v)
+    return out
