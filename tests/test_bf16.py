@@ -22,9 +22,9 @@ from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.peft_format import load_peft_adapter
 from loramux.bench.synthetic import make_peft_adapter
 from loramux.server.model.runner import ModelRunner, SeqChunk
-from helpers.lora_paths import forbid_other_lora_path
+from helpers.lora_paths import PATHS, assert_runner_path, choose_path, forbid_other_lora_path
 from helpers.precision import assert_greedy_agrees, assert_logprobs_close, noise_bound
-from helpers.tiny import VOCAB, build, make_model
+from helpers.tiny import TRITON_DEVICE, VOCAB, build, make_model
 
 # (name, DoRA?, options): a plain adapter, an rsLoRA one (scale alpha/sqrt(r),
 # 8 here, where alpha/r would be 2), a DoRA adapter, and the two sources of
@@ -116,13 +116,14 @@ def hf_reference(base_dir, paths, dtype, round_base_to_bf16=False):
     return logits
 
 
-def loramux_rows(base_dir, paths, rows, pool_dtype):
-    """(runner, chunks): loramux in bf16 over a pool of `pool_dtype` with
-    every adapter and the mix (held as the server holds a per-request mix),
+def loramux_rows(base_dir, paths, rows, pool_dtype, device="cpu"):
+    """(runner, chunks): loramux in bf16 on `device` over a pool of `pool_dtype`
+    with every adapter and the mix (held as the server holds a per-request mix),
     and the (adapter name or None, prompt) rows as ONE batch's chunks, in
     order (adjacent rows of one adapter form one segment)."""
-    cfg, model, kv = build(base_dir, dtype=torch.bfloat16, num_blocks=64, block_size=16)
-    pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 8, 64, pool_dtype, base_weights=model.base_weight))
+    cfg, model, kv = build(base_dir, dtype=torch.bfloat16, num_blocks=64, block_size=16, device=device)
+    pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 8, 64, pool_dtype, base_weights=model.base_weight,
+                                      device=device))
     runner = ModelRunner.for_pool(model, kv, pool.device)
     loaded = {n: load_peft_adapter(p, cfg, 64, name=n) for n, p in paths.items()}
     digest = {n: pool.add(a) for n, a in loaded.items()}
@@ -148,7 +149,7 @@ BATCHES = {
 }
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_mixed_batch_in_bf16_matches_peft(setup, references, batch, path, monkeypatch):
     """Every position's logits of base, LoRA, rsLoRA, DoRA and mix rows in one
@@ -156,15 +157,18 @@ def test_mixed_batch_in_bf16_matches_peft(setup, references, batch, path, monkey
     gives on a CPU) and the Triton path (bf16 pool, as on a GPU), within
     noise_bound of the float64 truth, row by row."""
     base_dir, paths = setup
-    monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
+    choose_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(8)
     rows = [(n, torch.randint(0, VOCAB, (length,), generator=gen).tolist()) for n, length in BATCHES[batch]]
-    pool_dtype = torch.float32 if path == "torch" else torch.bfloat16
-    runner, chunks = loramux_rows(base_dir, paths, rows, pool_dtype)
+    pool_dtype = torch.bfloat16 if path == "triton" else torch.float32
+    # the Triton path on CUDA where there is one, else under the interpreter (tests/conftest.py)
+    device = TRITON_DEVICE if path == "triton" else "cpu"
+    runner, chunks = loramux_rows(base_dir, paths, rows, pool_dtype, device)
+    assert_runner_path(runner, path)
     forbid_other_lora_path(monkeypatch, path)
     step = runner.prepare(chunks)
-    step = dataclasses.replace(step, logits_index=torch.arange(step.input_ids.shape[0]))
-    got = runner.model.forward(step, runner.kv, runner.lora).double().split([len(p) for _, p in rows])
+    step = dataclasses.replace(step, logits_index=torch.arange(step.input_ids.shape[0], device=device))
+    got = runner.model.forward(step, runner.kv, runner.lora).double().cpu().split([len(p) for _, p in rows])
     truth, hf = references
     for k, (name, p) in enumerate(rows):
         want = truth(name, p)
