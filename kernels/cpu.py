@@ -92,6 +92,34 @@ def apply_lora(x, out, work, dora=()) -> None:
         out.copy_(acc)
 
 
+COMPILED_DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes cpu_ops.cpp's lora_apply takes
+
+
+def apply_lora_compiled(ops, x, out, work, dora, num_slices: int, slice_offsets) -> None:
+    """apply_lora through the compiled op (kernels/csrc/cpu_ops.cpp), same
+    arguments and result: one call covers every segment shorter than
+    LONG_SEGMENT (float32 math, each output rounded once), which in a decode
+    step is all of them; longer ones keep torch's GEMMs, which are faster
+    at that size. num_slices, slice_offsets: the group's slices and their
+    column boundaries in `out` (b_block's row k belongs to slice k % num_slices,
+    so the op skips the zero blocks)."""
+    if not work:
+        return
+    if x.dtype not in COMPILED_DTYPES:
+        return apply_lora(x, out, work, dora)
+    long = [w for w in work if w[1] - w[0] >= LONG_SEGMENT]
+    if long and dora:  # a DoRA scale must follow every delta of its rows: one path does both
+        return apply_lora(x, out, work, dora)
+    if long:
+        apply_lora(x, out, long)
+    short = [w for w in work if w[1] - w[0] < LONG_SEGMENT]
+    if short:
+        scale, scale_lo = (dora[0][2], dora[0][0]) if dora else (None, 0)
+        ops.lora_apply(x.contiguous(), out, [w[0] for w in short], [w[1] for w in short],
+                       [w[2].T for w in short], [w[3] for w in short], num_slices, list(slice_offsets),
+                       scale, scale_lo)
+
+
 # A segment this long is multiplied in the model's dtype (large enough for
 # the CPU's bf16 matmul units); shorter ones share one float32 buffer over
 # the rows they span, so a decode step converts once.

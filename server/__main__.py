@@ -109,6 +109,7 @@ def _serve(args) -> int:
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     log.info("serving %s as %r on http://%s:%d", folder, served, args.host, args.port)
+    log.info("kernels: %s", state.engine.engine.runner.kernel_paths())
     try:
         asyncio.run(server.serve())
     finally:

@@ -8,7 +8,7 @@ from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.pool import AdapterPool
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
-from helpers.lora_paths import forbid_other_lora_path
+from helpers.lora_paths import assert_runner_path, choose_path, forbid_other_lora_path
 from helpers.tiny import TRITON_DEVICE, VOCAB, build, make_adapter, make_dora_adapter, make_model, peft_greedy, \
     peft_model
 
@@ -49,17 +49,18 @@ def test_dora_adapter_loads_with_magnitudes(dora_setup):
 
 # qwen2 (qkv bias) on the torch path only: the bias is added by the same code
 # on both paths, and the interpreter is slow
-@pytest.mark.parametrize("dora_setup, path", [("llama", "torch"), ("llama", "triton"), ("qwen2", "torch")],
+@pytest.mark.parametrize("dora_setup, path", [("llama", "torch"), ("llama", "compiled"), ("llama", "triton"), ("qwen2", "compiled")],
                          indirect=["dora_setup"])
 def test_mixed_dora_lora_base_batch_equals_peft(dora_setup, path, monkeypatch):
     kind, base_dir, paths = dora_setup
-    monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
+    choose_path(monkeypatch, path)
     device = TRITON_DEVICE if path == "triton" else "cpu"
     cfg, model, kv = build(base_dir, device=device)
     # DoRA's row scales are computed from the base weights when an adapter is written
     pool = AdapterPool(DeviceLoraPool(cfg, 32 * 2**20, 8, 64, torch.float32, base_weights=model.base_weight,
                                       device=device))
     runner = ModelRunner.for_pool(model, kv, pool.device)
+    assert_runner_path(runner, path)
     forbid_other_lora_path(monkeypatch, path)
     digests = {name: pool.add(load_peft_adapter(p, cfg, 64, name=name)) for name, p in paths.items()}
     by_digest = pool.make_resident(list(digests.values()))

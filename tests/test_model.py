@@ -13,7 +13,7 @@ from loramux.server.config import ModelConfig
 from loramux.server.model.lora_backend import CpuLoraBackend, TritonLoraBackend, select_lora_backend
 from loramux.server.model.runner import ModelRunner, SeqChunk
 from loramux.adapters_store.peft_format import load_peft_adapter
-from helpers.lora_paths import forbid_other_lora_path
+from helpers.lora_paths import PATHS, assert_runner_path, choose_path, forbid_other_lora_path
 from helpers.tiny import TRITON_DEVICE, VOCAB, build, hf_config, make_adapter, make_model, peft_greedy, peft_model
 
 # The Triton path runs on CUDA where there is one, else under the interpreter on CPU tensors
@@ -45,9 +45,13 @@ def test_prefill_logits_equal_transformers(tmp_path, kind):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_paged_decode_equals_full_recompute(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_paged_decode_equals_full_recompute(tmp_path, path, monkeypatch):
+    # path: the decode attention (server/model/attention.py) that reads the paged cache
     make_model(tmp_path, "llama")
-    cfg, model, kv = build(tmp_path, block_size=4)
+    choose_path(monkeypatch, path)
+    cfg, model, kv = build(tmp_path, block_size=4, device=TRITON_DEVICE if path == "triton" else "cpu")
+    assert model.decode_attention_path == path
     runner = ModelRunner(model, kv)
     seq = torch.randint(0, VOCAB, (19,), generator=torch.Generator().manual_seed(2)).tolist()
     blocks = [17, 3, 40, 8, 22]  # scattered on purpose
@@ -61,7 +65,7 @@ def test_paged_decode_equals_full_recompute(tmp_path):
         logits = runner.run([SeqChunk(other, 0, [60]), SeqChunk([seq[pos]], pos, blocks)])
         steps.append(logits[1:])
     got = torch.cat(steps)
-    torch.testing.assert_close(got, full[[4, 8] + list(range(9, len(seq)))], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.cpu(), full[[4, 8] + list(range(9, len(seq)))].cpu(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,7 @@ def test_lora_backend_is_chosen_from_device_and_env(env, device, want, mixed_set
     # type names run (the other path's raise) and the delta equals the reference.
     from loramux.kernels import cpu, make_segments, reference, sgmv
 
+    monkeypatch.setenv("LORAMUX_CPU_OPS", "0")  # the CPU backend's torch ops (the compiled ones: PATHS' tests)
     if env is None:
         monkeypatch.delenv("LORAMUX_TRITON", raising=False)
     else:
@@ -133,11 +138,11 @@ def _pool(cfg, paths, dtype=torch.float32, device="cpu"):
     return pool, {name: pool.add(load_peft_adapter(path, cfg, 64, name=name)) for name, path in paths.items()}
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", PATHS)
 def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
     # "triton": the model's LoRA ops run the Triton kernels (kernels/sgmv.py),
     # on CUDA, or under the interpreter on a CPU (tests/conftest.py)
-    monkeypatch.setenv("LORAMUX_TRITON", "1" if path == "triton" else "0")
+    choose_path(monkeypatch, path)
     base_dir, paths = mixed_setup
     device = TRITON_DEVICE if path == "triton" else "cpu"
     cfg, model, kv = build(base_dir, device=device)
@@ -145,6 +150,7 @@ def test_mixed_adapter_batch_equals_peft(mixed_setup, path, monkeypatch):
     by_digest = pool.make_resident(list(digests.values()))
     slots = {n: by_digest[digests[n]] for n in paths}
     runner = ModelRunner.for_pool(model, kv, pool.device)
+    assert_runner_path(runner, path)
     forbid_other_lora_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(3)
     # rows: every adapter twice (different lengths) plus base rows in between

@@ -21,16 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from loramux.server.config import ModelConfig
+from loramux.server.model.attention import DecodeGroup, select_decode_attention
+from loramux.server.model.loader import cache_root
 from loramux.server.model.lora_backend import LoraBackend, LoraBatch
-
-
-@dataclass(frozen=True)
-class DecodeGroup:
-    """Sequences with one new token each, attended in one padded SDPA call."""
-
-    token_index: torch.Tensor  # [B] long, where each query sits in the flat batch
-    kv_slots: torch.Tensor  # [B, C] long, KV slots of each sequence's context (padded)
-    mask: torch.Tensor  # [B, 1, 1, C] bool, True for real context entries
 
 
 @dataclass(frozen=True)
@@ -127,6 +120,7 @@ class LlamaModel:
             self.layers.append(layer)
         inv_freq = rope_inv_freq(cfg)
         self.inv_freq = inv_freq.to(self.device)
+        self.decode_attention_path, self._decode_attention = select_decode_attention(self.device, cache_root())
 
     # -- pieces -------------------------------------------------------------
 
@@ -175,15 +169,7 @@ class LlamaModel:
             out[p.start : p.start + p.num_new] = o[0].transpose(0, 1)
         if attn.decode is not None:
             d = attn.decode
-            qd = q[d.token_index][:, :, None, :]  # [B, H, 1, D]
-            # index_select over the flat slots, not k_cache[kv_slots]: the same rows, but aten::index's
-            # generic advanced indexing costs 2-4x as much per step here (bench/lora_overhead.py)
-            slots = d.kv_slots.reshape(-1)
-            shape = (*d.kv_slots.shape, *k_cache.shape[1:])  # [B, C, KV, D]
-            kd = k_cache.index_select(0, slots).view(shape).transpose(1, 2)  # [B, KV, C, D]
-            vd = v_cache.index_select(0, slots).view(shape).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, enable_gqa=True)
-            out[d.token_index] = o[:, :, 0, :]
+            out[d.token_index] = self._decode_attention(q[d.token_index], k_cache, v_cache, d)
         return out.reshape(q.shape[0], -1)
 
     # -- forward ------------------------------------------------------------

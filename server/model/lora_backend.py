@@ -23,6 +23,7 @@ differ in the views of it they use:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Protocol
@@ -31,7 +32,11 @@ import torch
 
 from loramux.adapters_store.device_pool import DeviceLoraPool, triton_lora_path
 from loramux.kernels import NO_ADAPTER, Segments, cpu
+from loramux.kernels.cpu_ext import cpu_ops, cpu_ops_error
 from loramux.server.config import LORA_GROUPS, LORA_MODULES
+from loramux.server.model.loader import cache_root
+
+log = logging.getLogger("loramux.model")
 
 
 class LoraBatch(Protocol):
@@ -60,10 +65,22 @@ def select_lora_backend(pool: DeviceLoraPool, device: torch.device | str) -> Lor
     """The backend for activations on `device`, picked once: Triton on CUDA,
     or on any device with LORAMUX_TRITON=1 (with TRITON_INTERPRET=1 the
     kernels then run on a CPU; the tests use it to check the model end to end
-    on the Triton path); the torch path otherwise."""
+    on the Triton path); the CPU path otherwise, through the compiled op
+    where it builds (kernels/cpu_ext.py)."""
     if triton_lora_path(device):
         return TritonLoraBackend(pool)
-    return CpuLoraBackend(pool)
+    ops = cpu_ops(cache_root())
+    if ops is None:
+        log.warning("LoRA deltas: torch path (%s)", cpu_ops_error())
+    return CpuLoraBackend(pool, ops)
+
+
+def group_slice_offsets(cfg) -> dict[str, tuple[int, ...]]:
+    """Column boundaries of each slice inside a group's fused output (q|k|v: 0, q, q+k, q+k+v)."""
+    return {
+        group: tuple(accumulate((cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]), initial=0))
+        for group, (lo, n) in LORA_GROUPS.items()
+    }
 
 
 # (A^T [in, r*n], B_block [r*n, out_total]) of one slot, per layer and group: DeviceLoraPool.cpu_views[slot]
@@ -85,13 +102,20 @@ class CpuLoraBatch:
 
 
 class CpuLoraBackend:
-    """The torch path: kernels/cpu.apply_lora over the per-slot views the
-    pool builds once at load on a CPU (its b_block layout)."""
+    """The CPU path over the per-slot views the pool builds once at load (its
+    b_block layout): the compiled op (kernels/cpu.apply_lora_compiled) when
+    `ops` is given, else torch's matmuls (kernels/cpu.apply_lora)."""
 
-    def __init__(self, pool: DeviceLoraPool):
+    def __init__(self, pool: DeviceLoraPool, ops=None):
         if not pool.cpu_path:
             raise ValueError(f"the torch LoRA path needs a pool in CPU memory, not on {pool.page_table.device}")
         self.pool = pool
+        self.ops = ops
+        self.slice_offsets = group_slice_offsets(pool.cfg)
+
+    @property
+    def path(self) -> str:
+        return "torch" if self.ops is None else "compiled"
 
     def prepare(self, seg: Segments) -> CpuLoraBatch:
         pool = self.pool
@@ -114,7 +138,10 @@ class CpuLoraBackend:
         if batch.dora_rows is not None:
             lo, hi, rows = batch.dora_rows
             dora = [(lo, hi, self.pool.dora_scale[layer][group].index_select(0, rows))]
-        cpu.apply_lora(x, out, work, dora)
+        if self.ops is None:
+            cpu.apply_lora(x, out, work, dora)
+        else:
+            cpu.apply_lora_compiled(self.ops, x, out, work, dora, LORA_GROUPS[group][1], self.slice_offsets[group])
 
 
 @dataclass(frozen=True)
@@ -127,17 +154,14 @@ class TritonLoraBackend:
     """The Triton path: kernels/sgmv.py's shrink then expand over the pool's
     page-table layout (a, b, page_table, ranks, scales)."""
 
+    path = "triton"
+
     def __init__(self, pool: DeviceLoraPool):
         from loramux.kernels import sgmv  # imports triton: only once this backend is chosen
 
         self._sgmv = sgmv
         self.pool = pool
-        cfg = pool.cfg
-        # Column boundaries of each slice inside a group's fused output.
-        self.slice_offsets = {
-            group: tuple(accumulate((cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]), initial=0))
-            for group, (lo, n) in LORA_GROUPS.items()
-        }
+        self.slice_offsets = group_slice_offsets(pool.cfg)
 
     def prepare(self, seg: Segments) -> TritonLoraBatch:
         return TritonLoraBatch(seg, any(self.pool.is_dora[slot] for _, _, slot in seg.with_adapter()))

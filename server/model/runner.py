@@ -16,7 +16,8 @@ import torch
 
 from loramux.kernels import NO_ADAPTER, segments_from_runs
 from loramux.server.model.kv_tensors import KVCache
-from loramux.server.model.llama import AttentionMetadata, DecodeGroup, ForwardBatch, PrefillSeq
+from loramux.server.model.attention import DecodeGroup
+from loramux.server.model.llama import AttentionMetadata, ForwardBatch, PrefillSeq
 from loramux.server.model.lora_backend import LoraBackend, select_lora_backend
 
 
@@ -65,6 +66,11 @@ class ModelRunner:
         """The runner over an adapter pool (a DeviceLoraPool), its LoRA
         backend picked once for the model's device."""
         return cls(model, kv_cache, select_lora_backend(lora_pool, model.device))
+
+    def kernel_paths(self) -> str:
+        """Which implementations serve this runner, for the startup log."""
+        lora = getattr(self.lora, "path", "none")
+        return f"decode attention: {self.model.decode_attention_path}, LoRA deltas: {lora}"
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         # flat KV slots of positions start..end-1 (plain Python: a step builds
@@ -117,9 +123,12 @@ class ModelRunner:
             kv_slots = table[:, pos // bs] * bs + pos % bs  # [B, C]
             mask = (pos[None, :] < ctx[:, None])[:, None, None, :]
             decode = DecodeGroup(
-                torch.tensor(decode_idx, device=dev),
-                kv_slots.to(dev),
-                mask.to(dev),
+                token_index=torch.tensor(decode_idx, device=dev),
+                block_table=table.to(dev),
+                ctx_lens=ctx.to(dev),
+                block_size=bs,
+                kv_slots=kv_slots.to(dev),
+                mask=mask.to(dev),
             )
         lora = None
         if self.lora is not None and any(r[2] != NO_ADAPTER for r in runs):

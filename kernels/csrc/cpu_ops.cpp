@@ -1,0 +1,247 @@
+// The compiled CPU ops (kernels/cpu_ext.py builds and loads this file).
+//
+// Two ops replace the per-segment and per-slot torch calls whose dispatch,
+// not arithmetic, dominated a decode step on a CPU:
+//
+//   paged_decode_attention  one query token per sequence, keys and values
+//                           read in place from the paged cache through the
+//                           block table (no gather into a padded copy)
+//   lora_apply              every short segment's shrink and expand of one
+//                           layer and projection group in one call
+//
+// Both compute in float32 whatever the storage dtype (bf16 or float32) and
+// round once into the output. Loops are written so that -O3 vectorizes them
+// without -ffast-math: each inner loop runs over LANES independent lanes,
+// and reductions are summed across lanes at the end.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t LANES = 16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// bf16 is the top half of a float32: a shift, which -O3 vectorizes (the
+// generic conversion above does not)
+inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+// sum_i a[i] * b[i], n a multiple of LANES or not
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[LANES] = {0};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int64_t l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0.f;
+  for (int64_t l = 0; l < LANES; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// the row as float32: itself when it is float32 already, else converted into buf
+inline const float* row_as_float(const float* src, float*, int64_t) { return src; }
+template <typename T>
+inline const float* row_as_float(const T* src, float* buf, int64_t n) {
+  load_row(src, buf, n);
+  return buf;
+}
+
+constexpr int64_t HEADS = 4;
+
+// out[j] = sum_i q[j * n + i] * k[i] for j < nq <= HEADS: independent
+// accumulators, one load of k for all of them
+inline void dot_many(const float* q, int64_t nq, const float* k, int64_t n, float* out) {
+  float acc[HEADS][LANES] = {{0}};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int64_t j = 0; j < nq; ++j)
+      for (int64_t l = 0; l < LANES; ++l) acc[j][l] += q[j * n + i + l] * k[i + l];
+  for (int64_t j = 0; j < nq; ++j) {
+    float s = 0.f;
+    for (int64_t l = 0; l < LANES; ++l) s += acc[j][l];
+    for (int64_t r = i; r < n; ++r) s += q[j * n + r] * k[r];
+    out[j] = s;
+  }
+}
+
+// y[i] += alpha * x[i]
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, const at::Tensor& ctx_lens, int64_t block_size,
+                           double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KV = k_cache.size(1), G = H / KV;
+  const int64_t max_blocks = block_table.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t slot_stride = KV * D;  // elements between consecutive slots
+  const float fscale = static_cast<float>(scale);
+
+  // one work item per (sequence, kv head): its G query heads share every key row read
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), krow(D), acc(G * D), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / KV, kvh = item % KV;
+      const int64_t n = lens[b];
+      TORCH_CHECK(n >= 1 && n <= max_blocks * block_size, "context length ", n, " outside the block table");
+      scores.assign(G * n, 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        load_row(qp + (b * H + kvh * G + g) * D, qf.data() + g * D, D);
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= fscale;
+      }
+      std::vector<float> mx(G, -std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t slot = table[b * max_blocks + t / block_size] * block_size + t % block_size;
+        const float* k = row_as_float(kp + slot * slot_stride + kvh * D, krow.data(), D);
+        for (int64_t g0 = 0; g0 < G; g0 += HEADS) {  // HEADS query heads share each load of the key row
+          const int64_t ng = std::min(HEADS, G - g0);
+          float sums[HEADS];
+          dot_many(qf.data() + g0 * D, ng, k, D, sums);
+          for (int64_t j = 0; j < ng; ++j) {
+            scores[(g0 + j) * n + t] = sums[j];
+            if (sums[j] > mx[g0 + j]) mx[g0 + j] = sums[j];
+          }
+        }
+      }
+      std::vector<float> denom(G, 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * n;
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = std::exp(s[t] - mx[g]);
+          denom[g] += s[t];
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t slot = table[b * max_blocks + t / block_size] * block_size + t % block_size;
+        const float* v = row_as_float(vp + slot * slot_stride + kvh * D, krow.data(), D);
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + t], v, acc.data() + g * D, D);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* o = op + (b * H + kvh * G + g) * D;
+        const float inv = 1.f / denom[g];
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_table, const at::Tensor& ctx_lens, int64_t block_size,
+                                  double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "q [B,H,D], caches [slots,KV,D]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "one dtype");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors");
+  TORCH_CHECK(q.size(2) == k_cache.size(2) && q.size(1) % k_cache.size(1) == 0, "head shapes");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(block_table.is_contiguous() && block_table.size(0) == q.size(0) && ctx_lens.size(0) == q.size(0),
+              "a block table row and a length per sequence");
+  auto out = at::empty_like(q);
+  AT_DISPATCH_SWITCH(q.scalar_type(), "paged_decode_attention",
+      AT_DISPATCH_CASE(at::kFloat, [&] { decode_attention_impl<float>(q, k_cache, v_cache, block_table, ctx_lens, block_size, scale, out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_table, ctx_lens, block_size, scale, out); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { decode_attention_impl<c10::Half>(q, k_cache, v_cache, block_table, ctx_lens, block_size, scale, out); }));
+  return out;
+}
+
+// Tokens processed together against one row of A (each row read once per tile).
+constexpr int64_t TILE = 4;
+
+template <typename T>
+void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int64_t>& starts,
+                     const std::vector<int64_t>& ends, const std::vector<at::Tensor>& a_rows,
+                     const std::vector<at::Tensor>& b_rows, int64_t num_slices,
+                     const std::vector<int64_t>& slice_offsets, const c10::optional<at::Tensor>& row_scale,
+                     int64_t scale_lo) {
+  const int64_t in = x.size(1), out_total = out.size(1);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float* sp = row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr;
+  const int64_t scale_hi = row_scale.has_value() ? scale_lo + row_scale->size(0) : scale_lo;
+  // work items: (segment, tile of TILE tokens), so a long segment spreads over threads too
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (size_t s = 0; s < starts.size(); ++s)
+    for (int64_t t = starts[s]; t < ends[s]; t += TILE) items.emplace_back(static_cast<int64_t>(s), t);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(TILE * in), h, delta(TILE * out_total);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t s = items[it].first, t0 = items[it].second;
+      const int64_t nt = std::min(TILE, ends[s] - t0);
+      const float* a = a_rows[s].data_ptr<float>();  // [rn, in], row k of slice k % num_slices
+      const float* bm = b_rows[s].data_ptr<float>();  // [rn, out_total], scale folded in
+      const int64_t rn = a_rows[s].size(0);
+      for (int64_t j = 0; j < nt; ++j) load_row(xp + (t0 + j) * in, xf.data() + j * in, in);
+      h.assign(TILE * rn, 0.f);
+      for (int64_t k = 0; k < rn; ++k)
+        for (int64_t j = 0; j < nt; ++j) h[j * rn + k] = dot(xf.data() + j * in, a + k * in, in);
+      std::fill(delta.begin(), delta.end(), 0.f);
+      for (int64_t k = 0; k < rn; ++k) {
+        // only the columns of row k's slice: the rest of b_block's row is zero
+        const int64_t sl = k % num_slices, lo = slice_offsets[sl], width = slice_offsets[sl + 1] - lo;
+        for (int64_t j = 0; j < nt; ++j) axpy(h[j * rn + k], bm + k * out_total + lo, delta.data() + j * out_total + lo, width);
+      }
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t t = t0 + j;
+        T* o = op + t * out_total;
+        const float* dl = delta.data() + j * out_total;
+        if (sp != nullptr && t >= scale_lo && t < scale_hi) {
+          const float* sc = sp + (t - scale_lo) * out_total;
+          for (int64_t c = 0; c < out_total; ++c) o[c] = static_cast<T>((to_float(o[c]) + dl[c]) * sc[c]);
+        } else {
+          for (int64_t c = 0; c < out_total; ++c) o[c] = static_cast<T>(to_float(o[c]) + dl[c]);
+        }
+      }
+    }
+  });
+}
+
+void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> starts, std::vector<int64_t> ends,
+                std::vector<at::Tensor> a_rows, std::vector<at::Tensor> b_rows, int64_t num_slices,
+                std::vector<int64_t> slice_offsets, c10::optional<at::Tensor> row_scale, int64_t scale_lo) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "x [T,in], out [T,out_total]");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.is_contiguous() && out.is_contiguous(), "x, out: one dtype, contiguous");
+  TORCH_CHECK(starts.size() == ends.size() && a_rows.size() == starts.size() && b_rows.size() == starts.size(), "one A and B per segment");
+  TORCH_CHECK(static_cast<int64_t>(slice_offsets.size()) == num_slices + 1 && slice_offsets.back() == out.size(1), "slice offsets");
+  for (size_t s = 0; s < starts.size(); ++s) {
+    TORCH_CHECK(0 <= starts[s] && starts[s] < ends[s] && ends[s] <= x.size(0), "segment outside the batch");
+    TORCH_CHECK(a_rows[s].scalar_type() == at::kFloat && a_rows[s].is_contiguous() && a_rows[s].size(1) == x.size(1), "A rows [rn,in] float32");
+    TORCH_CHECK(b_rows[s].scalar_type() == at::kFloat && b_rows[s].is_contiguous() && b_rows[s].size(1) == out.size(1)
+                && b_rows[s].size(0) == a_rows[s].size(0), "B rows [rn,out_total] float32");
+  }
+  if (row_scale.has_value())
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->is_contiguous() && row_scale->size(1) == out.size(1), "row scale");
+  AT_DISPATCH_SWITCH(x.scalar_type(), "lora_apply",
+      AT_DISPATCH_CASE(at::kFloat, [&] { lora_apply_impl<float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { lora_apply_impl<c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo); }));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+  m.def("lora_apply", &lora_apply, "every short segment's LoRA delta of one layer and group");
+}

@@ -1,0 +1,143 @@
+"""The compiled CPU ops (kernels/csrc/cpu_ops.cpp) against the float32
+references, and the fallback when they cannot be built."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.kernels import cpu, make_segments, reference
+from loramux.kernels.cpu_ext import cpu_ops, cpu_ops_error
+from loramux.server.model.loader import cache_root
+from test_kernels_cpu import pool_and_views, reference_delta
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = cpu_ops(cache_root())
+    assert built is not None, f"the compiled CPU ops must build on this machine: {cpu_ops_error()}"
+    return built
+
+
+def paged_case(B, H, KV, D, block_size, lens, dtype, seed=0):
+    """A cache whose pages are scattered, every row outside a context NaN
+    (an op that reads one shows it), and table entries past a sequence's
+    blocks pointing at a NaN block."""
+    g = torch.Generator().manual_seed(seed)
+    per = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(per) + 2
+    order = torch.randperm(num_blocks - 1, generator=g) + 1  # block 0: the poison block
+    k = torch.full((num_blocks * block_size, KV, D), float("nan"), dtype=dtype)
+    v = k.clone()
+    table = torch.zeros(B, max(per), dtype=torch.long)
+    used = 0
+    for b, n in enumerate(lens):
+        blocks = order[used : used + per[b]]
+        used += per[b]
+        table[b, : per[b]] = blocks
+        pos = torch.arange(n)
+        slots = blocks[pos // block_size] * block_size + pos % block_size
+        k[slots] = torch.randn(n, KV, D, generator=g).to(dtype)
+        v[slots] = torch.randn(n, KV, D, generator=g).to(dtype)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    return q, k, v, table, torch.tensor(lens, dtype=torch.long)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 64), (32, 8, 128), (4, 1, 40)], ids=str)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_paged_decode_attention_equals_reference(ops, dtype, heads, block_size):
+    H, KV, D = heads
+    lens = [1, block_size, block_size + 1, 2 * block_size, 37, 129, 5]  # odd batch, block edges
+    q, k, v, table, ctx = paged_case(len(lens), H, KV, D, block_size, lens, dtype)
+    got = ops.paged_decode_attention(q, k, v, table, ctx, block_size, D ** -0.5)
+    want = reference.paged_decode_attention_ref(q, k, v, table, ctx, block_size, D ** -0.5)
+    assert got.dtype == dtype and not got.isnan().any(), "read a row outside a context"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # float32 math rounded once: within one bf16 ulp of the float32 result
+        torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=2**-7)
+
+
+def test_paged_decode_attention_rejects_bad_input(ops):
+    q, k, v, table, ctx = paged_case(2, 4, 2, 16, 4, [3, 5], torch.float32)
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        ops.paged_decode_attention(q, k, v, table, torch.tensor([3, 99]), 4, 0.25)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.paged_decode_attention(q, k, v, table.int(), ctx, 4, 0.25)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.paged_decode_attention(q.bfloat16(), k, v, table, ctx, 4, 0.25)
+
+
+# mixed ranks (4, 2, 8 and a scattered 4), base rows between, short segments and a long one
+PAGES = {0: [0, 1, 2, 3], 1: [8, 9], 2: [12, 13, 14, 15, 16, 17, 18, 19], 3: [20, 22, 21, 30]}
+TOKENS = [2, 2, -1, 0, 1, 1, 1, -1, -1, 3, 3, 0] + [1] * 70 + [-1]
+
+
+@pytest.mark.parametrize("inn", [8, 40, 576])  # under, not a multiple of, and many times the op's 16 lanes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_apply_equals_reference(ops, dtype, inn):
+    a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(PAGES, inn=inn, seed=inn)
+    seg = make_segments(TOKENS)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(TOKENS), inn, generator=gen).to(dtype)
+    base = torch.randn(len(TOKENS), b.shape[1], generator=gen).to(dtype)
+    work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
+    got = base.clone()
+    cpu.apply_lora_compiled(ops, x, got, work, (), 3, offs)
+    want = base.float() + reference_delta(x.float(), TOKENS, a_pages, b, page_table, ranks, scales, offs)
+    base_rows = [t for t, slot in enumerate(TOKENS) if slot == -1]
+    assert torch.equal(got[base_rows], base[base_rows]), "a base row changed"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    else:  # short segments: float32 sums rounded once; the long one: torch's bf16 GEMMs
+        short = [t for t in range(12) if TOKENS[t] != -1]
+        torch.testing.assert_close(got[short].float(), want[short], atol=1e-2, rtol=2**-7)
+        delta, want_delta = got.float() - base.float(), want - base.float()
+        assert ((delta - want_delta).norm() / want_delta.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_apply_with_dora_rows_equals_the_torch_path(ops, dtype):
+    """DoRA: (base + delta) * row scale, over tokens lo..hi-1; tokens outside stay unscaled."""
+    a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(PAGES, inn=40)
+    tokens = TOKENS[:12]  # decode-like: every segment short
+    seg = make_segments(tokens)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(len(tokens), 40, generator=gen).to(dtype)
+    base = torch.randn(len(tokens), b.shape[1], generator=gen).to(dtype)
+    work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
+    lo, hi = 3, 11  # token 11 has an adapter but no row scale
+    row_scale = torch.rand(hi - lo, b.shape[1], generator=gen) + 0.5
+    row_scale[[t - lo for t in range(lo, hi) if tokens[t] == -1]] = 1.0  # base rows: the pool's all-ones row
+    dora = [(lo, hi, row_scale)]
+    got, want = base.clone(), base.clone()
+    cpu.apply_lora_compiled(ops, x, got, work, dora, 3, offs)
+    cpu.apply_lora(x, want, work, dora)  # the torch path: float32 sums and scales, rounded once
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_lora_apply_long_segments_with_dora_take_the_torch_path():
+    a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(PAGES, inn=8)
+    seg = make_segments(TOKENS)
+    x = torch.randn(len(TOKENS), 8)
+    work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
+    dora = [(0, len(TOKENS), torch.rand(len(TOKENS), b.shape[1]) + 0.5)]
+    called = []
+
+    class Recording:
+        def lora_apply(self, *args):
+            called.append(args)
+
+    got, want = torch.zeros(len(TOKENS), b.shape[1]), torch.zeros(len(TOKENS), b.shape[1])
+    cpu.apply_lora_compiled(Recording(), x, got, work, dora, 3, offs)
+    cpu.apply_lora(x, want, work, dora)
+    assert not called and torch.equal(got, want)
+
+
+def test_without_a_compiler_the_torch_path_serves(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert cpu_ops(tmp_path) is None
+    assert "no C++ compiler" in cpu_ops_error()
+    monkeypatch.setenv("LORAMUX_CPU_OPS", "0")
+    assert cpu_ops(cache_root()) is None and cpu_ops_error() == "LORAMUX_CPU_OPS=0"
