@@ -301,7 +301,6 @@ def cuda_targets(dtype: torch.dtype, dev: str = "cuda") -> list[tuple[str, str]]
         base += time_cuda(lambda: torch.matmul(x, w), graph=False)
         lora_graph += time_cuda(lambda: run_sgmv(p, out), graph=True)
         base_graph += time_cuda(lambda: torch.matmul(x, w), graph=True)
-        del w
     rows.append(("Llama-3-8B layer decode T=64, 64 x r16: LoRA / base GEMMs",
                  f"{100 * lora / base:.1f}%  (LoRA {lora * 1e6:.1f} us, base {base * 1e6:.1f} us; "
                  f"graph: {100 * lora_graph / base_graph:.1f}%, {lora_graph * 1e6:.1f} / {base_graph * 1e6:.1f} us)"))

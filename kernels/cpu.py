@@ -7,6 +7,7 @@ bmm) or multiplies every token by every adapter (one dense GEMM).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -95,29 +96,46 @@ def apply_lora(x, out, work, dora=()) -> None:
 COMPILED_DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes cpu_ops.cpp's lora_apply takes
 
 
-def apply_lora_compiled(ops, x, out, work, dora, num_slices: int, slice_offsets) -> None:
+@dataclass(frozen=True)
+class CompiledWork:
+    """apply_lora's work for one layer and group, split for the compiled op:
+    the segments shorter than LONG_SEGMENT as its argument lists (A as rows
+    [r*n, in], the storage a_t views), the longer ones as work items for
+    torch's GEMMs, which are faster at that size. Built once per batch
+    composition (CpuLoraBackend keeps them across decode steps)."""
+
+    work: tuple  # every (start, end, a_t, b_block)
+    starts: list[int]
+    ends: list[int]
+    a_rows: list[torch.Tensor]
+    b_rows: list[torch.Tensor]
+    long: tuple  # the work items of long segments
+
+    @classmethod
+    def of(cls, work) -> "CompiledWork":
+        short = [w for w in work if w[1] - w[0] < LONG_SEGMENT]
+        return cls(tuple(work), [w[0] for w in short], [w[1] for w in short], [w[2].T for w in short],
+                   [w[3] for w in short], tuple(w for w in work if w[1] - w[0] >= LONG_SEGMENT))
+
+
+def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, slice_offsets) -> None:
     """apply_lora through the compiled op (kernels/csrc/cpu_ops.cpp), same
-    arguments and result: one call covers every segment shorter than
-    LONG_SEGMENT (float32 math, each output rounded once), which in a decode
-    step is all of them; longer ones keep torch's GEMMs, which are faster
-    at that size. num_slices, slice_offsets: the group's slices and their
-    column boundaries in `out` (b_block's row k belongs to slice k % num_slices,
-    so the op skips the zero blocks)."""
-    if not work:
+    result: one call covers every short segment (float32 math, each output
+    rounded once), which in a decode step is all of them. num_slices,
+    slice_offsets: the group's slices and their column boundaries in `out`
+    (b_block's row k belongs to slice k % num_slices, so the op skips the
+    zero blocks)."""
+    if not cw.work:
         return
-    if x.dtype not in COMPILED_DTYPES:
-        return apply_lora(x, out, work, dora)
-    long = [w for w in work if w[1] - w[0] >= LONG_SEGMENT]
-    if long and dora:  # a DoRA scale must follow every delta of its rows: one path does both
-        return apply_lora(x, out, work, dora)
-    if long:
-        apply_lora(x, out, long)
-    short = [w for w in work if w[1] - w[0] < LONG_SEGMENT]
-    if short:
+    if x.dtype not in COMPILED_DTYPES or (cw.long and dora):
+        # a DoRA scale must follow every delta of its rows: with long segments one path does both
+        return apply_lora(x, out, cw.work, dora)
+    if cw.long:
+        apply_lora(x, out, cw.long)
+    if cw.starts:
         scale, scale_lo = (dora[0][2], dora[0][0]) if dora else (None, 0)
-        ops.lora_apply(x.contiguous(), out, [w[0] for w in short], [w[1] for w in short],
-                       [w[2].T for w in short], [w[3] for w in short], num_slices, list(slice_offsets),
-                       scale, scale_lo)
+        ops.lora_apply(x.contiguous(), out, cw.starts, cw.ends, cw.a_rows, cw.b_rows, num_slices,
+                       slice_offsets, scale, scale_lo)
 
 
 # A segment this long is multiplied in the model's dtype (large enough for

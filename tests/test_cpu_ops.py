@@ -83,7 +83,7 @@ def test_lora_apply_equals_reference(ops, dtype, inn):
     base = torch.randn(len(TOKENS), b.shape[1], generator=gen).to(dtype)
     work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
     got = base.clone()
-    cpu.apply_lora_compiled(ops, x, got, work, (), 3, offs)
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), (), 3, offs)
     want = base.float() + reference_delta(x.float(), TOKENS, a_pages, b, page_table, ranks, scales, offs)
     base_rows = [t for t, slot in enumerate(TOKENS) if slot == -1]
     assert torch.equal(got[base_rows], base[base_rows]), "a base row changed"
@@ -111,7 +111,7 @@ def test_lora_apply_with_dora_rows_equals_the_torch_path(ops, dtype):
     row_scale[[t - lo for t in range(lo, hi) if tokens[t] == -1]] = 1.0  # base rows: the pool's all-ones row
     dora = [(lo, hi, row_scale)]
     got, want = base.clone(), base.clone()
-    cpu.apply_lora_compiled(ops, x, got, work, dora, 3, offs)
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), dora, 3, offs)
     cpu.apply_lora(x, want, work, dora)  # the torch path: float32 sums and scales, rounded once
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(got, want, **tol)
@@ -130,7 +130,7 @@ def test_lora_apply_long_segments_with_dora_take_the_torch_path():
             called.append(args)
 
     got, want = torch.zeros(len(TOKENS), b.shape[1]), torch.zeros(len(TOKENS), b.shape[1])
-    cpu.apply_lora_compiled(Recording(), x, got, work, dora, 3, offs)
+    cpu.apply_lora_compiled(Recording(), x, got, cpu.CompiledWork.of(work), dora, 3, offs)
     cpu.apply_lora(x, want, work, dora)
     assert not called and torch.equal(got, want)
 

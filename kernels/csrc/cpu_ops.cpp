@@ -169,7 +169,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }
 
 // Tokens processed together against one row of A (each row read once per tile).
-constexpr int64_t TILE = 4;
+constexpr int64_t TILE = HEADS;
 
 template <typename T>
 void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int64_t>& starts,
@@ -196,8 +196,11 @@ void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int
       const int64_t rn = a_rows[s].size(0);
       for (int64_t j = 0; j < nt; ++j) load_row(xp + (t0 + j) * in, xf.data() + j * in, in);
       h.assign(TILE * rn, 0.f);
-      for (int64_t k = 0; k < rn; ++k)
-        for (int64_t j = 0; j < nt; ++j) h[j * rn + k] = dot(xf.data() + j * in, a + k * in, in);
+      for (int64_t k = 0; k < rn; ++k) {  // row k of A read once for the tile's tokens
+        float sums[HEADS];
+        dot_many(xf.data(), nt, a + k * in, in, sums);
+        for (int64_t j = 0; j < nt; ++j) h[j * rn + k] = sums[j];
+      }
       std::fill(delta.begin(), delta.end(), 0.f);
       for (int64_t k = 0; k < rn; ++k) {
         // only the columns of row k's slice: the rest of b_block's row is zero

@@ -24,6 +24,7 @@ differ in the views of it they use:
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Protocol
@@ -95,6 +96,8 @@ class CpuLoraBatch:
     # the all-ones last row for a base token), so one gather and one
     # multiply per layer and group apply every DoRA scale of the step.
     dora_rows: tuple[int, int, torch.Tensor] | None = None
+    # the compiled op's arguments per layer and group (None on the torch path)
+    compiled: tuple[dict[str, cpu.CompiledWork], ...] | None = None
 
     @property
     def dora(self) -> bool:
@@ -111,7 +114,10 @@ class CpuLoraBackend:
             raise ValueError(f"the torch LoRA path needs a pool in CPU memory, not on {pool.page_table.device}")
         self.pool = pool
         self.ops = ops
-        self.slice_offsets = group_slice_offsets(pool.cfg)
+        self.slice_offsets = {g: list(offs) for g, offs in group_slice_offsets(pool.cfg).items()}
+        # CompiledWork of recent batch compositions: a decode batch keeps its composition for many
+        # steps, and rebuilding 4 x layers argument lists per step costs about a millisecond
+        self._compiled: OrderedDict[tuple, tuple] = OrderedDict()
 
     @property
     def path(self) -> str:
@@ -129,19 +135,37 @@ class CpuLoraBackend:
             runs = zip(seg.starts_host, seg.lens_host, seg.slots_host)
             rows = [slot if slot != NO_ADAPTER else none for s, n, slot in runs for _ in range(n)][lo:hi]
             dora_rows = (lo, hi, torch.tensor(rows, dtype=torch.long, device=pool.page_table.device))
-        return CpuLoraBatch(work, dora_rows)
+        return CpuLoraBatch(work, dora_rows, None if self.ops is None else self._compiled_work(work))
+
+    def _compiled_work(self, work) -> tuple[dict[str, cpu.CompiledWork], ...]:
+        # keyed by the views' identity: a slot loaded again gets new views (the entry holds the
+        # old ones, so their ids cannot be reused while it is cached)
+        key = tuple((start, end, id(views)) for start, end, views in work)
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit[1]
+        per_layer = tuple(
+            {group: cpu.CompiledWork.of([(start, end, *views[layer][group]) for start, end, views in work])
+             for group in LORA_GROUPS}
+            for layer in range(self.pool.cfg.num_layers))
+        self._compiled[key] = (work, per_layer)
+        if len(self._compiled) > 16:
+            self._compiled.popitem(last=False)
+        return per_layer
 
     def apply(self, x, out, layer: int, group: str, batch: CpuLoraBatch) -> None:
         # x: [T, in], out: [T, out_total] updated in place
-        work = [(start, end, *views[layer][group]) for start, end, views in batch.work]
         dora = ()
         if batch.dora_rows is not None:
             lo, hi, rows = batch.dora_rows
             dora = [(lo, hi, self.pool.dora_scale[layer][group].index_select(0, rows))]
-        if self.ops is None:
+        if batch.compiled is None:
+            work = [(start, end, *views[layer][group]) for start, end, views in batch.work]
             cpu.apply_lora(x, out, work, dora)
         else:
-            cpu.apply_lora_compiled(self.ops, x, out, work, dora, LORA_GROUPS[group][1], self.slice_offsets[group])
+            cpu.apply_lora_compiled(self.ops, x, out, batch.compiled[layer][group], dora,
+                                    LORA_GROUPS[group][1], self.slice_offsets[group])
 
 
 @dataclass(frozen=True)
