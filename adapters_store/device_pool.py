@@ -73,12 +73,13 @@ def lora_pool_dtype(model) -> torch.dtype:
 
 
 def page_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_path: bool = False) -> int:
-    """Bytes of one rank-row page: one row of A and of B^T for every module of
-    every layer (plus the CPU path's block-diagonal copy of B, see below)."""
-    per_layer = sum(sum(cfg.module_shape(m)) for m in LORA_MODULES)
-    if cpu_path:
-        for lo, n in LORA_GROUPS.values():
-            per_layer += n * sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n])
+    """Bytes of one rank-row page: one row of A for every module of every
+    layer, and of B^T (the Triton layout) or of the CPU path's block-diagonal
+    B (see below)."""
+    per_layer = sum(cfg.module_shape(m)[1] for m in LORA_MODULES)  # A
+    for lo, n in LORA_GROUPS.values():
+        out_total = sum(cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n])
+        per_layer += n * out_total if cpu_path else out_total  # B_block, or B^T
     return per_layer * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
 
 
@@ -88,9 +89,9 @@ class DeviceLoraPool:
         a_pages[l][g]: [P, n, in]        physical storage, page-major, so the n
                                          slices' rows of one rank index are adjacent
         a[l][g]:       [n, P, in]        the same memory seen as the kernels' layout
-        b[l][g]:       [P, out_total]    (kernels/reference.py)
+        b[l][g]:       [P, out_total]    B^T, for the Triton kernels (kernels/reference.py)
 
-    On a CPU, the pool also keeps b_block[l][g]: [P, n, out_total], the
+    On a CPU, the pool keeps instead b_block[l][g]: [P, n, out_total], the
     scaled B rows of slice s in that slice's columns and zeros elsewhere, and
     per slot the views cpu_views[slot][l][g] = (A^T, B_block) built once at
     load, so that the torch path (CpuLoraBackend, server/model/lora_backend.py)
@@ -152,9 +153,10 @@ class DeviceLoraPool:
                 out_total = sum(cfg.module_shape(m)[0] for m in mods)
                 a_pages[group] = torch.zeros(P, n, in_f, dtype=dtype, device=device)
                 a[group] = a_pages[group].permute(1, 0, 2)
-                b[group] = torch.zeros(P, out_total, dtype=dtype, device=device)
                 if self.cpu_path:
                     b_block[group] = torch.zeros(P, n, out_total, dtype=dtype, device=device)
+                else:
+                    b[group] = torch.zeros(P, out_total, dtype=dtype, device=device)
             self.a_pages.append(a_pages)
             self.a.append(a)
             self.b.append(b)
@@ -224,13 +226,19 @@ class DeviceLoraPool:
         contiguous = pages == list(range(p0, p0 + r))
         idx = None if contiguous else torch.tensor(pages, dtype=torch.long, device=dev)
 
-        def put(t: torch.Tensor, lo: int, hi: int, rest: tuple, value) -> None:
-            # t[pages[lo:hi]][rest] = value: a view when the pages are a run, else an index_put
-            if contiguous:
-                view = t[(slice(p0 + lo, p0 + hi),) + rest]
-                view.copy_(value) if isinstance(value, torch.Tensor) else view.fill_(value)
+        def put(t: torch.Tensor, lo: int, hi: int, rest: tuple, value, scale: float = 1.0) -> None:
+            # t[pages[lo:hi]][rest] = value * scale: written in place when the pages are a run
+            # (one op, no temporary), else an index_put
+            if not contiguous:
+                t[(idx[lo:hi],) + rest] = value * scale if scale != 1.0 else value
+                return
+            view = t[(slice(p0 + lo, p0 + hi),) + rest]
+            if not isinstance(value, torch.Tensor):
+                view.fill_(value)
+            elif scale != 1.0:
+                torch.mul(value, scale, out=view)
             else:
-                t[(idx[lo:hi],) + rest] = value
+                view.copy_(value)
 
         ranks = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.int32)
         scales = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.float32)
@@ -242,9 +250,10 @@ class DeviceLoraPool:
         with ctx:
             for layer in range(self.cfg.num_layers):
                 for group, (lo, n) in LORA_GROUPS.items():
-                    a_pages, b_pool = self.a_pages[layer][group], self.b[layer][group]
+                    a_pages, b_pool = self.a_pages[layer][group], self.b[layer].get(group)
                     b_block = self.b_block[layer].get(group)
-                    dora_row = torch.ones(b_pool.shape[1], dtype=torch.float32, device=dev)
+                    dora_row = self.dora_scale[layer][group][slot]
+                    dora_row.fill_(1.0)
                     col = 0
                     for s, m in enumerate(LORA_MODULES[lo : lo + n]):
                         out_f = self.cfg.module_shape(m)[0]
@@ -253,20 +262,21 @@ class DeviceLoraPool:
                         k = 0 if w is None else w.rank
                         if k:
                             put(a_pages, 0, k, (s,), w.a)
-                            put(b_pool, 0, k, (cols,), w.b.T)
-                            if b_block is not None:
-                                put(b_block, 0, k, (s, cols), w.b.T * w.scale)
+                            if b_pool is not None:
+                                put(b_pool, 0, k, (cols,), w.b.T)
+                            else:
+                                put(b_block, 0, k, (s, cols), w.b.T, w.scale)
                             ranks[layer, lo + s] = k
                             scales[layer, lo + s] = w.scale
                             if w.magnitude is not None:
                                 dora_row[cols] = w.dora_scale(self.base_weights(layer, group)[cols])
                         if k < r:  # rows past this module's rank: zero
                             put(a_pages, k, r, (s,), 0.0)
-                            put(b_pool, k, r, (cols,), 0.0)
-                            if b_block is not None:
+                            if b_pool is not None:
+                                put(b_pool, k, r, (cols,), 0.0)
+                            else:
                                 put(b_block, k, r, (s, cols), 0.0)
                         col += out_f
-                    self.dora_scale[layer][group][slot].copy_(dora_row)
             row = torch.zeros(self.max_rank, dtype=torch.int32)
             row[:r] = torch.tensor(pages, dtype=torch.int32)
             self.page_table[slot].copy_(row, non_blocking=stream is not None)
