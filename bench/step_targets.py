@@ -8,11 +8,12 @@ modules; a prefill of 8 x 128 tokens; one sequence alone):
     decode LoRA / base                    <= 1.15   (bf16; float32 no worse than the torch path)
     prefill LoRA / base                   <= 1.15
     decode DoRA / LoRA                    <= 1.05
-    one sequence alone                    tok/s of the runner's decode step
+    one sequence alone                    tok/s of the runner's decode step (small-batch GEMMs)
 
-"torch" rows swap the model's decode attention and the LoRA backend's op
-for their torch paths (server/model/attention.py, kernels/cpu.py) on the
-same model, pool and cache, so only the op differs.
+"before" rows swap the model's decode attention, its small-batch GEMMs
+and the LoRA backend's op for their torch paths (server/model/attention.py,
+base_linear.py, kernels/cpu.py) on the same model, pool and cache, so only
+the op differs.
 
     .venv/bin/python -m loramux.bench.step_targets [--dtype bfloat16 float32] [--repeats 7] [--no-prefill]
 """
@@ -23,6 +24,7 @@ import contextlib
 import json
 
 import torch
+import torch.nn.functional as F
 
 from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
@@ -39,15 +41,15 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linea
 
 @contextlib.contextmanager
 def torch_paths(model, runner):
-    """The model's decode attention and the LoRA backend's op on their torch paths, for a while."""
-    attend, ops = model._decode_attention, getattr(runner.lora, "ops", None)
-    model._decode_attention = torch_decode_attention
+    """The model's decode attention, small-batch GEMMs and the LoRA backend's op on their torch paths, for a while."""
+    attend, linear, ops = model._decode_attention, model._base_linear, getattr(runner.lora, "ops", None)
+    model._decode_attention, model._base_linear = torch_decode_attention, F.linear
     if ops is not None:
         runner.lora.ops = None
     try:
         yield
     finally:
-        model._decode_attention = attend
+        model._decode_attention, model._base_linear = attend, linear
         if ops is not None:
             runner.lora.ops = ops
 
@@ -100,11 +102,12 @@ def measure(dtype: str, repeats: int, prefill: bool, num_seqs=32, num_adapters=8
         return run
 
     fns = {name: (lambda c=c: runner.run(c)) for name, c in batches.items()}
-    fns.update({f"{name}_torch": on_torch(c) for name, c in batches.items() if name != "single"})
+    fns.update({f"{name}_torch": on_torch(c) for name, c in batches.items()})
     t = interleaved_medians(fns, repeats=repeats)
     t["gemm_share_base"] = gemm_share(fns["decode_base"])
     t["gemm_share_base_torch"] = gemm_share(fns["decode_base_torch"])
     t["attention_path"] = model.decode_attention_path
+    t["linear_path"] = model.base_linear_path
     t["lora_path"] = "compiled" if getattr(runner.lora, "ops", None) is not None else "torch"
     return t
 
@@ -121,7 +124,8 @@ def rows(t: dict) -> list[tuple[str, str, float, str]]:
         ("decode LoRA / base, torch paths", "before", t["decode_lora_torch"] / t["decode_base_torch"], ""),
         ("decode LoRA ms after / before", "", t["decode_lora"] / t["decode_lora_torch"], ""),
         ("decode DoRA / LoRA", "", t["decode_dora"] / t["decode_lora"], "<= 1.05"),
-        ("one sequence alone, tok/s", "runner step", 1.0 / t["single"], ""),
+        ("one sequence alone, tok/s", f"{t['linear_path']} GEMMs", 1.0 / t["single"], ""),
+        ("one sequence alone, tok/s", "before", 1.0 / t["single_torch"], ""),
     ]
     if "prefill_base" in t:
         out[8:8] = [

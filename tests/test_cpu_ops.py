@@ -135,6 +135,56 @@ def test_lora_apply_long_segments_with_dora_take_the_torch_path():
     assert not called and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [8, 40, 64, 576, 1536 + 24], ids=str)  # under, between and over its lane blocks
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_small_linear_equals_float64(ops, dtype, k, rows):
+    g = torch.Generator().manual_seed(k + rows)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(67, k, generator=g).to(dtype)  # 67 output rows: not a multiple of its chunks
+    bias = torch.randn(67, generator=g).to(dtype)
+    for b in (None, bias):
+        got = ops.small_linear(x, w, b)
+        want = x.double() @ w.double().T + (0 if b is None else b.double())
+        assert got.dtype == dtype and got.shape == (rows, 67)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+        else:  # float32 math rounded once: within a bf16 ulp of the exact result
+            torch.testing.assert_close(got.double(), want, atol=1e-3 * k**0.5, rtol=2**-7)
+    # a non-contiguous x (a column slice, as the model's split activations are) reads the right values
+    wide = torch.randn(rows, 2 * k, generator=g).to(dtype)
+    torch.testing.assert_close(ops.small_linear(wide[:, k:], w, None), ops.small_linear(wide[:, k:].contiguous(), w, None),
+                               atol=0, rtol=0)
+
+
+def test_small_linear_rejects_bad_input(ops):
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        ops.small_linear(torch.randn(5, 16), w, None)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.small_linear(torch.randn(1, 16).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match="x \\[M,K\\]"):
+        ops.small_linear(torch.randn(1, 15), w, None)
+
+
+def test_model_gemms_take_small_linear_for_few_rows_only(ops, monkeypatch):
+    from loramux.server.model.base_linear import SMALL_LINEAR_ROWS, compiled_linear
+
+    calls = []
+
+    class Recording:
+        def small_linear(self, x, w, b):
+            calls.append(x.shape[0])
+            return ops.small_linear(x, w, b)
+
+    linear = compiled_linear(Recording())
+    w = torch.randn(32, 16)
+    for m in (1, SMALL_LINEAR_ROWS, SMALL_LINEAR_ROWS + 1, 33):
+        x = torch.randn(m, 16)
+        torch.testing.assert_close(linear(x, w, None), torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert calls == [1, SMALL_LINEAR_ROWS]
+
+
 def test_without_a_compiler_the_torch_path_serves(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert cpu_ops(tmp_path) is None

@@ -1,15 +1,19 @@
 // The compiled CPU ops (kernels/cpu_ext.py builds and loads this file).
 //
-// Two ops replace the per-segment and per-slot torch calls whose dispatch,
-// not arithmetic, dominated a decode step on a CPU:
+// Three ops where torch's own CPU kernels, or the dispatch of many small
+// torch calls, left most of the machine unused in a decode step:
 //
 //   paged_decode_attention  one query token per sequence, keys and values
 //                           read in place from the paged cache through the
 //                           block table (no gather into a padded copy)
 //   lora_apply              every short segment's shrink and expand of one
 //                           layer and projection group in one call
+//   small_linear            x @ W^T for a few rows of x (one sequence or a
+//                           few decoding alone): a pass over W that streams
+//                           it at memory speed, where torch's GEMM at M=1
+//                           reaches about a third of that
 //
-// Both compute in float32 whatever the storage dtype (bf16 or float32) and
+// All compute in float32 whatever the storage dtype (bf16 or float32) and
 // round once into the output. Loops are written so that -O3 vectorizes them
 // without -ffast-math: each inner loop runs over LANES independent lanes,
 // and reductions are summed across lanes at the end.
@@ -18,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -242,9 +247,101 @@ void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> start
       AT_DISPATCH_CASE(at::kBFloat16, [&] { lora_apply_impl<c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo); }));
 }
 
+// small_linear: GCC/Clang vector types, so that the weight row is converted
+// and multiplied 16 lanes at a time on any target (AVX-512, AVX2 as two
+// halves, or scalar code) with no intrinsics to choose between.
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vhalfword __attribute__((vector_size(LANES * 2)));
+
+inline vfloat load_lanes(const float* w) {
+  vfloat v;
+  std::memcpy(&v, w, sizeof v);
+  return v;
+}
+inline vfloat load_lanes(const c10::BFloat16* w) {  // bf16 -> float32: the bits moved to the top half
+  vhalfword h;
+  std::memcpy(&h, w, sizeof h);
+  vuint bits = __builtin_convertvector(h, vuint) << 16;
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+constexpr int64_t SMALL_M = 4;  // rows of x one pass over W serves (python: cpu.SMALL_LINEAR_ROWS)
+
+// sums[j] = x[j] . w for the M rows of x (float32, [M, K]); U independent
+// accumulators per row, so that fewer rows still keep the FMA units busy
+template <typename T, int M>
+inline void rows_dot(const float* x, int64_t K, const T* w, float* sums) {
+  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  vfloat acc[M][U];
+  for (int j = 0; j < M; ++j)
+    for (int u = 0; u < U; ++u) acc[j][u] = vfloat{};
+  int64_t i = 0;
+  for (; i + U * LANES <= K; i += U * LANES)
+    for (int u = 0; u < U; ++u) {
+      const vfloat wv = load_lanes(w + i + u * LANES);
+      for (int j = 0; j < M; ++j) acc[j][u] += load_lanes(x + j * K + i + u * LANES) * wv;
+    }
+  for (int j = 0; j < M; ++j) {
+    vfloat a = acc[j][0];
+    for (int u = 1; u < U; ++u) a += acc[j][u];
+    float s = 0.f;
+    for (int64_t l = 0; l < LANES; ++l) s += a[l];
+    for (int64_t k = i; k < K; ++k) s += x[j * K + k] * to_float(w[k]);
+    sums[j] = s;
+  }
+}
+
+template <typename T, int M>
+void small_linear_rows(const float* xf, const T* w, const float* bias, int64_t K, int64_t N, T* out) {
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      float sums[M];
+      rows_dot<T, M>(xf, K, w + n * K, sums);
+      for (int j = 0; j < M; ++j) out[j * N + n] = static_cast<T>(bias != nullptr ? sums[j] + bias[n] : sums[j]);
+    }
+  });
+}
+
+template <typename T>
+void small_linear_impl(const at::Tensor& xf, const at::Tensor& w, const float* bias, at::Tensor& out) {
+  const int64_t K = w.size(1), N = w.size(0);
+  const float* xp = xf.data_ptr<float>();
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  switch (xf.size(0)) {
+    case 1: small_linear_rows<T, 1>(xp, wp, bias, K, N, op); break;
+    case 2: small_linear_rows<T, 2>(xp, wp, bias, K, N, op); break;
+    case 3: small_linear_rows<T, 3>(xp, wp, bias, K, N, op); break;
+    default: small_linear_rows<T, 4>(xp, wp, bias, K, N, op); break;
+  }
+}
+
+// F.linear(x, w, bias) for x [M, K] with 1 <= M <= SMALL_M, w [N, K] (x's dtype), bias [N] or none
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M,K], w [N,K]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= SMALL_M, "small_linear takes 1 to ", SMALL_M, " rows");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && w.is_contiguous(), "x and w: one dtype, w contiguous");
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "bias [N]");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  auto out = at::empty({x.size(0), w.size(0)}, x.options());
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "small_linear",
+      AT_DISPATCH_CASE(at::kFloat, [&] { small_linear_impl<float>(xf, w, bp, out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { small_linear_impl<c10::BFloat16>(xf, w, bp, out); }));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
   m.def("lora_apply", &lora_apply, "every short segment's LoRA delta of one layer and group");
+  m.def("small_linear", &small_linear, "x @ w^T (+ bias) for 1 to 4 rows of x, streaming w once");
 }

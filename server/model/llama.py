@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from loramux.server.config import ModelConfig
 from loramux.server.model.attention import DecodeGroup, select_decode_attention
+from loramux.server.model.base_linear import select_base_linear
 from loramux.server.model.loader import cache_root
 from loramux.server.model.lora_backend import LoraBackend, LoraBatch
 
@@ -121,6 +122,7 @@ class LlamaModel:
         inv_freq = rope_inv_freq(cfg)
         self.inv_freq = inv_freq.to(self.device)
         self.decode_attention_path, self._decode_attention = select_decode_attention(self.device, cache_root())
+        self.base_linear_path, self._base_linear = select_base_linear(self.device, cache_root())
 
     # -- pieces -------------------------------------------------------------
 
@@ -139,7 +141,7 @@ class LlamaModel:
         # x: [T, in] -> [T, out_total]: base GEMM, then the backend adds each token's adapter delta
         # (and DoRA's row scale, which scales W0 x too but not the bias: y = b + d ⊙ (W0 x + ΔW x)).
         late_bias = step is not None and step.dora and bias is not None
-        out = F.linear(x, self.layers[layer_idx][group], None if late_bias else bias)
+        out = self._base_linear(x, self.layers[layer_idx][group], None if late_bias else bias)
         if step is None:
             return out
         lora.apply(x, out, layer_idx, group, step)
@@ -222,7 +224,7 @@ class LlamaModel:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, hidden] final-layer hidden states -> [N, vocab] float32
-        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        return self._base_linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head, None).float()
 
     def _hidden(self, batch: ForwardBatch, kv_cache, lora: LoraBackend | None) -> torch.Tensor:
         """The last layer's output [T, hidden] (before the final norm) of every token."""
