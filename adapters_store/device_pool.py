@@ -67,9 +67,19 @@ def triton_lora_path(device: torch.device | str) -> bool:
 
 
 def lora_pool_dtype(model) -> torch.dtype:
-    """float32 for the CPU path (it computes adapter deltas in float32, see
-    kernels/cpu.py), the model's dtype for the Triton kernels."""
-    return model.dtype if triton_lora_path(model.device) else torch.float32
+    """The model's dtype for the Triton kernels. The CPU path computes
+    adapter deltas in float32 (kernels/cpu.py); its compiled op reads bf16
+    weights too, so a bf16 model's pool is bf16 where that op builds (half
+    the bytes a decode step streams for its adapters), else float32."""
+    if triton_lora_path(model.device):
+        return model.dtype
+    if model.dtype == torch.bfloat16:
+        from loramux.kernels.cpu_ext import cpu_ops
+        from loramux.server.model.loader import cache_root
+
+        if cpu_ops(cache_root()) is not None:
+            return torch.bfloat16
+    return torch.float32
 
 
 def page_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_path: bool = False) -> int:

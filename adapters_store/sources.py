@@ -86,6 +86,7 @@ class FolderLoader:
         self.ranks = {k: m.rank for k, m in adapter.modules.items()}
         self.scales = {k: m.scale for k, m in adapter.modules.items()}
         self.model, self.max_rank = model, max_rank
+        self._layout = None  # the weights file's tensor layout, once read (_tensor_layout)
 
     def __call__(self) -> LoraAdapter:
         name, digest = self.meta["name"], self.meta["digest"]
@@ -117,22 +118,29 @@ class FolderLoader:
             raise
         return opened
 
+    def _tensor_layout(self, data: bytearray) -> list[tuple[tuple[int, str], str, int, int, torch.dtype, list]]:
+        """Where each tensor lies in the weights file: ((layer, module), A|B|M,
+        byte offset, element count, dtype, shape). Parsed from the first read
+        and kept: the file is pinned to the one validated, so its header is too."""
+        if self._layout is None:
+            n = int.from_bytes(data[:8], "little")
+            layout = []
+            for key, info in json.loads(data[8 : 8 + n]).items():
+                if key == "__metadata__":
+                    continue
+                layer, _, module, ab = tensor_key_parts(key)  # validated at registration: never None
+                lo, hi = info["data_offsets"]
+                dtype = safetensors_dtype(info["dtype"])
+                layout.append(((layer, module), ab, 8 + n + lo, (hi - lo) // dtype.itemsize, dtype, info["shape"]))
+            self._layout = layout
+        return self._layout
+
     def _parse(self, data: bytearray) -> LoraAdapter:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-        base = 8 + n
         found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            layer, _, module, ab = tensor_key_parts(key)  # validated at registration: never None
-            lo, hi = info["data_offsets"]
-            dtype = safetensors_dtype(info["dtype"])
-            start = base + lo
-            buf = data if start % dtype.itemsize == 0 else bytearray(data[start : base + hi])
-            t = torch.frombuffer(buf, dtype=dtype, count=(hi - lo) // dtype.itemsize,
-                                 offset=start if buf is data else 0)
-            found.setdefault((layer, module), {})[ab] = t.view(info["shape"]).float()
+        for k, ab, start, count, dtype, shape in self._tensor_layout(data):
+            buf = data if start % dtype.itemsize == 0 else bytearray(data[start : start + count * dtype.itemsize])
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start if buf is data else 0)
+            found.setdefault(k, {})[ab] = t.view(shape).float()
         modules = {}
         for k, scale in self.scales.items():
             a, b = found[k]["A"], found[k]["B"]

@@ -34,24 +34,21 @@ from loramux.bench.synthetic import random_adapter
 from loramux.server.llm import DTYPES, load_base
 from loramux.server.model.attention import torch_decode_attention
 from loramux.server.model.kv_tensors import KVCache
+from loramux.server.model.lora_backend import CpuLoraBackend, select_lora_backend
 from loramux.server.model.runner import ModelRunner, SeqChunk
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear")
 
 
 @contextlib.contextmanager
-def torch_paths(model, runner):
-    """The model's decode attention, small-batch GEMMs and the LoRA backend's op on their torch paths, for a while."""
-    attend, linear, ops = model._decode_attention, model._base_linear, getattr(runner.lora, "ops", None)
+def torch_attention_and_gemms(model):
+    """The model's decode attention and small-batch GEMMs on their torch paths, for a while."""
+    attend, linear = model._decode_attention, model._base_linear
     model._decode_attention, model._base_linear = torch_decode_attention, F.linear
-    if ops is not None:
-        runner.lora.ops = None
     try:
         yield
     finally:
         model._decode_attention, model._base_linear = attend, linear
-        if ops is not None:
-            runner.lora.ops = ops
 
 
 def gemm_share(fn, steps: int = 3) -> float:
@@ -70,15 +67,22 @@ def measure(dtype: str, repeats: int, prefill: bool, num_seqs=32, num_adapters=8
             prefill_len=128) -> dict[str, float]:
     model, _, _ = load_base("default", dtype, "cpu")
     cfg = model.cfg
-    pool = AdapterPool(DeviceLoraPool(cfg, 1024 * 2**20, 32, 64, lora_pool_dtype(model),
-                                      base_weights=model.base_weight))
     bs = 16
     kv = KVCache(cfg, 1024, bs, DTYPES[dtype])
-    runner = ModelRunner.for_pool(model, kv, pool.device)
     plain = [random_adapter(cfg, f"a{i}", rank, seed=i) for i in range(num_adapters)]
-    slot_of = list(pool.make_resident([pool.add(a) for a in plain]).values())
-    dora_slot_of = list(pool.make_resident(
-        [pool.add(dora_copy(a, f"d{i}", seed=100 + i)) for i, a in enumerate(plain)]).values())
+    dora = [dora_copy(a, f"d{i}", seed=100 + i) for i, a in enumerate(plain)]
+
+    def runner_over(pool_dtype, backend):
+        """A runner on the shared model and cache, its own pool holding both adapter sets."""
+        pool = AdapterPool(DeviceLoraPool(cfg, 1024 * 2**20, 32, 64, pool_dtype, base_weights=model.base_weight))
+        runner = ModelRunner(model, kv, backend(pool.device))
+        return (runner, list(pool.make_resident([pool.add(a) for a in plain]).values()),
+                list(pool.make_resident([pool.add(a) for a in dora]).values()))
+
+    # as served (the pool in lora_pool_dtype, the backend select_lora_backend picks), and the torch
+    # path as it served before the compiled ops: a float32 pool, torch's LoRA ops
+    runner, slot_of, dora_slot_of = runner_over(lora_pool_dtype(model), lambda p: select_lora_backend(p, "cpu"))
+    torch_runner, torch_slot_of, torch_dora_slot_of = runner_over(torch.float32, lambda p: CpuLoraBackend(p, None))
     per_seq = (ctx + bs) // bs
 
     def decode(slots):  # sequences grouped by adapter, as the scheduler orders them
@@ -90,25 +94,28 @@ def measure(dtype: str, repeats: int, prefill: bool, num_seqs=32, num_adapters=8
         return [SeqChunk(list(range(3, 3 + prefill_len)), 0, list(range(600 + i * n, 600 + (i + 1) * n)),
                          slots[i] if slots else -1) for i in range(num_adapters)]
 
-    batches = {"decode_base": decode([]), "decode_lora": decode(slot_of), "decode_dora": decode(dora_slot_of),
+    def batches(slots, dora_slots):
+        out = {"decode_base": decode([]), "decode_lora": decode(slots), "decode_dora": decode(dora_slots),
                "single": [SeqChunk([7], ctx, list(range(per_seq)), -1)]}
-    if prefill:
-        batches.update(prefill_base=prefill_chunks([]), prefill_lora=prefill_chunks(slot_of))
+        if prefill:
+            out.update(prefill_base=prefill_chunks([]), prefill_lora=prefill_chunks(slots))
+        return out
 
     def on_torch(chunks):
         def run():
-            with torch_paths(model, runner):
-                runner.run(chunks)
+            with torch_attention_and_gemms(model):
+                torch_runner.run(chunks)
         return run
 
-    fns = {name: (lambda c=c: runner.run(c)) for name, c in batches.items()}
-    fns.update({f"{name}_torch": on_torch(c) for name, c in batches.items()})
+    fns = {name: (lambda c=c: runner.run(c)) for name, c in batches(slot_of, dora_slot_of).items()}
+    fns.update({f"{name}_torch": on_torch(c) for name, c in batches(torch_slot_of, torch_dora_slot_of).items()})
     t = interleaved_medians(fns, repeats=repeats)
     t["gemm_share_base"] = gemm_share(fns["decode_base"])
     t["gemm_share_base_torch"] = gemm_share(fns["decode_base_torch"])
     t["attention_path"] = model.decode_attention_path
     t["linear_path"] = model.base_linear_path
-    t["lora_path"] = "compiled" if getattr(runner.lora, "ops", None) is not None else "torch"
+    t["lora_path"] = runner.lora.path
+    t["pool_dtype"] = str(runner.lora.pool.a_pages[0]["qkv"].dtype).removeprefix("torch.")
     return t
 
 
@@ -120,7 +127,8 @@ def rows(t: dict) -> list[tuple[str, str, float, str]]:
         ("decode base after / before", "", t["decode_base"] / t["decode_base_torch"], "<= 0.60"),
         ("GEMM share of the base step", "after", t["gemm_share_base"], ""),
         ("GEMM share of the base step", "before", t["gemm_share_base_torch"], ""),
-        ("decode LoRA / base", f"{t['lora_path']} LoRA", t["decode_lora"] / t["decode_base"], "<= 1.15"),
+        ("decode LoRA / base", f"{t['lora_path']} LoRA, {t['pool_dtype']} pool", t["decode_lora"] / t["decode_base"],
+         "<= 1.15"),
         ("decode LoRA / base, torch paths", "before", t["decode_lora_torch"] / t["decode_base_torch"], ""),
         ("decode LoRA ms after / before", "", t["decode_lora"] / t["decode_lora_torch"], ""),
         ("decode DoRA / LoRA", "", t["decode_dora"] / t["decode_lora"], "<= 1.05"),

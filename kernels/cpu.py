@@ -65,7 +65,8 @@ def apply_lora(x, out, work, dora=()) -> None:
 
     a_t: [in, r*n] holds the adapter's A rows of all n slices; b_block:
     [r*n, out_total] holds each slice's scaled B rows in that slice's columns
-    (adapters_store/pool.py builds both once per adapter). Math in float32
+    (adapters_store/device_pool.py builds both once per adapter; float32, or
+    bf16 where the compiled op serves a bf16 model). Math in float32
     whatever the model dtype: tiny bf16 matmuls cost several times more than
     fp32 ones on a CPU. Batching the segments into one torch.bmm over pool
     views was measured slower than this loop for decode shapes (torch's CPU
@@ -85,8 +86,8 @@ def apply_lora(x, out, work, dora=()) -> None:
         acc = out
     else:
         acc = out.float()  # exact copy; rows without an adapter come back unchanged
-    for start, end, a_t, b_block in work:
-        acc[start:end].addmm_(xf[start:end] @ a_t, b_block)
+    for start, end, a_t, b_block in work:  # .float(): a bf16 pool's views (no copy for a float32 pool)
+        acc[start:end].addmm_(xf[start:end] @ a_t.float(), b_block.float())
     for start, end, scale in dora:
         acc[start:end].mul_(scale)
     if acc is not out:
@@ -158,5 +159,5 @@ def _add_rounded_once(x, out, work) -> None:
     xf = x[lo:hi].float()
     acc = torch.zeros(hi - lo, out.shape[1], dtype=torch.float32)
     for start, end, a_t, b_block in short:
-        acc[start - lo : end - lo].addmm_(xf[start - lo : end - lo] @ a_t, b_block)
+        acc[start - lo : end - lo].addmm_(xf[start - lo : end - lo] @ a_t.float(), b_block.float())
     out[lo:hi].add_(acc.to(out.dtype))  # a mixed-dtype add_ is ~40% slower on a CPU

@@ -17,7 +17,7 @@ import torch
 
 from loramux.adapters_store import arithmetic
 from loramux.adapters_store.arithmetic import Source
-from loramux.adapters_store.device_pool import DeviceLoraPool
+from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
 from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.peft_format import load_peft_adapter
 from loramux.bench.synthetic import make_peft_adapter
@@ -116,13 +116,13 @@ def hf_reference(base_dir, paths, dtype, round_base_to_bf16=False):
     return logits
 
 
-def loramux_rows(base_dir, paths, rows, pool_dtype, device="cpu"):
-    """(runner, chunks): loramux in bf16 on `device` over a pool of `pool_dtype`
-    with every adapter and the mix (held as the server holds a per-request mix),
+def loramux_rows(base_dir, paths, rows, device="cpu"):
+    """(runner, chunks): loramux in bf16 on `device` over a pool in the dtype
+    the server gives it (lora_pool_dtype) with every adapter and the mix (held as the server holds a per-request mix),
     and the (adapter name or None, prompt) rows as ONE batch's chunks, in
     order (adjacent rows of one adapter form one segment)."""
     cfg, model, kv = build(base_dir, dtype=torch.bfloat16, num_blocks=64, block_size=16, device=device)
-    pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 8, 64, pool_dtype, base_weights=model.base_weight,
+    pool = AdapterPool(DeviceLoraPool(cfg, 64 * 2**20, 8, 64, lora_pool_dtype(model), base_weights=model.base_weight,
                                       device=device))
     runner = ModelRunner.for_pool(model, kv, pool.device)
     loaded = {n: load_peft_adapter(p, cfg, 64, name=n) for n, p in paths.items()}
@@ -153,18 +153,19 @@ BATCHES = {
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_mixed_batch_in_bf16_matches_peft(setup, references, batch, path, monkeypatch):
     """Every position's logits of base, LoRA, rsLoRA, DoRA and mix rows in one
-    bf16 batch, on the CPU path (float32 pool, as AdapterPool.for_model
-    gives on a CPU) and the Triton path (bf16 pool, as on a GPU), within
-    noise_bound of the float64 truth, row by row."""
+    bf16 batch, on the CPU paths (the compiled op over a bf16 pool, torch's
+    ops over a float32 one, as AdapterPool.for_model gives them) and the
+    Triton path (bf16 pool, as on a GPU), within noise_bound of the float64
+    truth, row by row."""
     base_dir, paths = setup
     choose_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(8)
     rows = [(n, torch.randint(0, VOCAB, (length,), generator=gen).tolist()) for n, length in BATCHES[batch]]
-    pool_dtype = torch.bfloat16 if path == "triton" else torch.float32
     # the Triton path on CUDA where there is one, else under the interpreter (tests/conftest.py)
     device = TRITON_DEVICE if path == "triton" else "cpu"
-    runner, chunks = loramux_rows(base_dir, paths, rows, pool_dtype, device)
+    runner, chunks = loramux_rows(base_dir, paths, rows, device)
     assert_runner_path(runner, path)
+    assert runner.lora.pool.a_pages[0]["qkv"].dtype == (torch.float32 if path == "torch" else torch.bfloat16)
     forbid_other_lora_path(monkeypatch, path)
     step = runner.prepare(chunks)
     step = dataclasses.replace(step, logits_index=torch.arange(step.input_ids.shape[0], device=device))

@@ -96,6 +96,35 @@ def test_lora_apply_equals_reference(ops, dtype, inn):
         assert ((delta - want_delta).norm() / want_delta.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_apply_reads_a_bf16_pool(ops, dtype, dora):
+    """A bf16 pool (what a bf16 model gets where the compiled op serves): the
+    op's result equals the torch path's float32 math over the same bf16
+    values, mixed ranks, a scattered slot, base rows and a long segment included."""
+    a_pages, b, b_block, page_table, ranks, scales, offs, _ = pool_and_views(PAGES, inn=40, seed=3)
+    a16, b16 = a_pages.bfloat16(), b_block.bfloat16()
+    views16 = {slot: (a16[pg].reshape(len(pg) * 3, 40).T, b16[pg].reshape(len(pg) * 3, -1)) for slot, pg in PAGES.items()}
+    tokens = TOKENS[:12] if dora else TOKENS  # DoRA with a long segment takes the torch path whole
+    seg = make_segments(tokens)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(len(tokens), 40, generator=gen).to(dtype)
+    base = torch.randn(len(tokens), b.shape[1], generator=gen).to(dtype)
+    work = [(s, s + n, *views16[slot]) for s, n, slot in seg.with_adapter()]
+    rows = ()
+    if dora:
+        row_scale = torch.rand(8, b.shape[1], generator=gen) + 0.5
+        row_scale[[t - 3 for t in range(3, 11) if tokens[t] == -1]] = 1.0  # base rows: the pool's all-ones row
+        rows = [(3, 11, row_scale)]
+    got, want = base.clone(), base.clone()
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), rows, 3, offs)
+    cpu.apply_lora(x, want, [(s, e, a.float(), bb.float()) for s, e, a, bb in work], rows)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(got, want, **tol)
+    base_rows = [t for t, slot in enumerate(tokens) if slot == -1]
+    assert torch.equal(got[base_rows], base[base_rows])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_apply_with_dora_rows_equals_the_torch_path(ops, dtype):
     """DoRA: (base + delta) * row scale, over tokens lo..hi-1; tokens outside stay unscaled."""

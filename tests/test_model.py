@@ -216,22 +216,23 @@ def test_triton_greedy_decode_mixed_batch_equals_peft(mixed_setup, monkeypatch):
         assert out.token_ids == peft_greedy(base_dir, paths[name] if name else None, prompt, 3), f"adapter {name}"
 
 
-@pytest.mark.parametrize("triton", ["0", "1"])
-def test_the_pool_layout_and_dtype_follow_the_backend_choice(mixed_setup, monkeypatch, triton):
-    """A bf16 model on a CPU: the torch path keeps the pool in float32 (its math is float32), the
-    Triton kernels (LORAMUX_TRITON=1) need it in the model's dtype. Both follow one decision
-    (device_pool.triton_lora_path); a pool in float32 under Triton once failed every adapter request."""
+@pytest.mark.parametrize("path", PATHS)
+def test_the_pool_layout_and_dtype_follow_the_backend_choice(mixed_setup, monkeypatch, path):
+    """A bf16 model: the Triton kernels (LORAMUX_TRITON=1) need the pool in the model's dtype, and
+    the compiled CPU op reads bf16 rows (half the bytes a decode step streams); the torch path keeps
+    it in float32, its math's dtype. All follow one decision (device_pool.lora_pool_dtype); a pool in
+    float32 under Triton once failed every adapter request."""
     from loramux.server import LLM
     from loramux.server.engine.sampling import SamplingParams
 
     base_dir, paths = mixed_setup
-    monkeypatch.setenv("LORAMUX_TRITON", triton)
-    llm = LLM(model=str(base_dir), dtype="bfloat16", device=TRITON_DEVICE if triton == "1" else "cpu",
+    choose_path(monkeypatch, path)
+    llm = LLM(model=str(base_dir), dtype="bfloat16", device=TRITON_DEVICE if path == "triton" else "cpu",
               adapters={"r4": paths["r4"]}, block_size=4, kv_cache_bytes=4 * 2**20,
               adapter_pool_bytes=16 * 2**20, max_lora_rank=16)
     pool, backend = llm.engine.adapters.device, llm.engine.runner.lora
-    assert type(backend) is (TritonLoraBackend if triton == "1" else CpuLoraBackend)
-    assert pool.a[0]["qkv"].dtype == (torch.bfloat16 if triton == "1" else torch.float32)
-    assert pool.cpu_path == (triton == "0")
+    assert type(backend) is (TritonLoraBackend if path == "triton" else CpuLoraBackend)
+    assert pool.a[0]["qkv"].dtype == (torch.float32 if path == "torch" else torch.bfloat16)
+    assert pool.cpu_path == (path != "triton")
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True), ["r4"])[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 2

@@ -67,6 +67,78 @@ inline const float* row_as_float(const T* src, float* buf, int64_t n) {
   return buf;
 }
 
+// GCC/Clang vector types, so that a weight row is converted and multiplied
+// 16 lanes at a time on any target (AVX-512, AVX2 as two halves, or scalar
+// code) with no intrinsics to choose between; a loop over a runtime number
+// of rows with plain arrays (dot_many below) is not vectorized as well.
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vhalfword __attribute__((vector_size(LANES * 2)));
+
+inline vfloat load_lanes(const float* w) {
+  vfloat v;
+  std::memcpy(&v, w, sizeof v);
+  return v;
+}
+inline vfloat load_lanes(const c10::BFloat16* w) {  // bf16 -> float32: the bits moved to the top half
+  vhalfword h;
+  std::memcpy(&h, w, sizeof h);
+  vuint bits = __builtin_convertvector(h, vuint) << 16;
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+constexpr int64_t SMALL_M = 4;  // rows of x one pass over W serves (python: base_linear.SMALL_LINEAR_ROWS)
+
+// sums[j] = x[j] . w for the M rows of x (float32, [M, K]); U independent
+// accumulators per row, so that fewer rows still keep the FMA units busy
+template <typename T, int M>
+inline void rows_dot(const float* x, int64_t K, const T* w, float* sums) {
+  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  vfloat acc[M][U];
+  for (int j = 0; j < M; ++j)
+    for (int u = 0; u < U; ++u) acc[j][u] = vfloat{};
+  int64_t i = 0;
+  for (; i + U * LANES <= K; i += U * LANES)
+    for (int u = 0; u < U; ++u) {
+      const vfloat wv = load_lanes(w + i + u * LANES);
+      for (int j = 0; j < M; ++j) acc[j][u] += load_lanes(x + j * K + i + u * LANES) * wv;
+    }
+  for (int j = 0; j < M; ++j) {
+    vfloat a = acc[j][0];
+    for (int u = 1; u < U; ++u) a += acc[j][u];
+    float s = 0.f;
+    for (int64_t l = 0; l < LANES; ++l) s += a[l];
+    for (int64_t k = i; k < K; ++k) s += x[j * K + k] * to_float(w[k]);
+    sums[j] = s;
+  }
+}
+
+// rows_dot for 1..SMALL_M rows chosen at run time
+template <typename W>
+inline void rows_dot_n(const float* x, int64_t m, int64_t K, const W* w, float* sums) {
+  switch (m) {
+    case 1: rows_dot<W, 1>(x, K, w, sums); break;
+    case 2: rows_dot<W, 2>(x, K, w, sums); break;
+    case 3: rows_dot<W, 3>(x, K, w, sums); break;
+    default: rows_dot<W, 4>(x, K, w, sums); break;
+  }
+}
+
+// y[i] += alpha * x[i], x float32 or bf16
+template <typename W>
+inline void axpy_lanes(float alpha, const W* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    vfloat yv;
+    std::memcpy(&yv, y + i, sizeof yv);
+    yv += alpha * load_lanes(x + i);
+    std::memcpy(y + i, &yv, sizeof yv);
+  }
+  for (; i < n; ++i) y[i] += alpha * to_float(x[i]);
+}
+
 constexpr int64_t HEADS = 4;
 
 // out[j] = sum_i q[j * n + i] * k[i] for j < nq <= HEADS: independent
@@ -174,9 +246,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }
 
 // Tokens processed together against one row of A (each row read once per tile).
-constexpr int64_t TILE = HEADS;
+constexpr int64_t TILE = SMALL_M;
 
-template <typename T>
+// T: the activations' dtype; W: the pool's (float32, or bf16 for a bf16 model: half the bytes a step streams)
+template <typename T, typename W>
 void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int64_t>& starts,
                      const std::vector<int64_t>& ends, const std::vector<at::Tensor>& a_rows,
                      const std::vector<at::Tensor>& b_rows, int64_t num_slices,
@@ -196,21 +269,21 @@ void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int
     for (int64_t it = begin; it < end; ++it) {
       const int64_t s = items[it].first, t0 = items[it].second;
       const int64_t nt = std::min(TILE, ends[s] - t0);
-      const float* a = a_rows[s].data_ptr<float>();  // [rn, in], row k of slice k % num_slices
-      const float* bm = b_rows[s].data_ptr<float>();  // [rn, out_total], scale folded in
+      const W* a = a_rows[s].data_ptr<W>();  // [rn, in], row k of slice k % num_slices
+      const W* bm = b_rows[s].data_ptr<W>();  // [rn, out_total], scale folded in
       const int64_t rn = a_rows[s].size(0);
       for (int64_t j = 0; j < nt; ++j) load_row(xp + (t0 + j) * in, xf.data() + j * in, in);
       h.assign(TILE * rn, 0.f);
       for (int64_t k = 0; k < rn; ++k) {  // row k of A read once for the tile's tokens
-        float sums[HEADS];
-        dot_many(xf.data(), nt, a + k * in, in, sums);
+        float sums[TILE];
+        rows_dot_n(xf.data(), nt, in, a + k * in, sums);
         for (int64_t j = 0; j < nt; ++j) h[j * rn + k] = sums[j];
       }
       std::fill(delta.begin(), delta.end(), 0.f);
       for (int64_t k = 0; k < rn; ++k) {
         // only the columns of row k's slice: the rest of b_block's row is zero
         const int64_t sl = k % num_slices, lo = slice_offsets[sl], width = slice_offsets[sl + 1] - lo;
-        for (int64_t j = 0; j < nt; ++j) axpy(h[j * rn + k], bm + k * out_total + lo, delta.data() + j * out_total + lo, width);
+        for (int64_t j = 0; j < nt; ++j) axpy_lanes(h[j * rn + k], bm + k * out_total + lo, delta.data() + j * out_total + lo, width);
       }
       for (int64_t j = 0; j < nt; ++j) {
         const int64_t t = t0 + j;
@@ -236,62 +309,26 @@ void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> start
   TORCH_CHECK(static_cast<int64_t>(slice_offsets.size()) == num_slices + 1 && slice_offsets.back() == out.size(1), "slice offsets");
   for (size_t s = 0; s < starts.size(); ++s) {
     TORCH_CHECK(0 <= starts[s] && starts[s] < ends[s] && ends[s] <= x.size(0), "segment outside the batch");
-    TORCH_CHECK(a_rows[s].scalar_type() == at::kFloat && a_rows[s].is_contiguous() && a_rows[s].size(1) == x.size(1), "A rows [rn,in] float32");
-    TORCH_CHECK(b_rows[s].scalar_type() == at::kFloat && b_rows[s].is_contiguous() && b_rows[s].size(1) == out.size(1)
-                && b_rows[s].size(0) == a_rows[s].size(0), "B rows [rn,out_total] float32");
+    TORCH_CHECK(a_rows[s].scalar_type() == a_rows[0].scalar_type() && b_rows[s].scalar_type() == a_rows[0].scalar_type()
+                && (a_rows[0].scalar_type() == at::kFloat || a_rows[0].scalar_type() == at::kBFloat16),
+                "A and B rows: one dtype, float32 or bfloat16");
+    TORCH_CHECK(a_rows[s].is_contiguous() && a_rows[s].size(1) == x.size(1), "A rows [rn,in]");
+    TORCH_CHECK(b_rows[s].is_contiguous() && b_rows[s].size(1) == out.size(1) && b_rows[s].size(0) == a_rows[s].size(0),
+                "B rows [rn,out_total]");
   }
   if (row_scale.has_value())
     TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->is_contiguous() && row_scale->size(1) == out.size(1), "row scale");
+  if (starts.empty()) return;
+  const bool bf16_pool = a_rows[0].scalar_type() == at::kBFloat16;
   AT_DISPATCH_SWITCH(x.scalar_type(), "lora_apply",
-      AT_DISPATCH_CASE(at::kFloat, [&] { lora_apply_impl<float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { lora_apply_impl<c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo); }));
-}
-
-// small_linear: GCC/Clang vector types, so that the weight row is converted
-// and multiplied 16 lanes at a time on any target (AVX-512, AVX2 as two
-// halves, or scalar code) with no intrinsics to choose between.
-typedef float vfloat __attribute__((vector_size(LANES * 4)));
-typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
-typedef uint16_t vhalfword __attribute__((vector_size(LANES * 2)));
-
-inline vfloat load_lanes(const float* w) {
-  vfloat v;
-  std::memcpy(&v, w, sizeof v);
-  return v;
-}
-inline vfloat load_lanes(const c10::BFloat16* w) {  // bf16 -> float32: the bits moved to the top half
-  vhalfword h;
-  std::memcpy(&h, w, sizeof h);
-  vuint bits = __builtin_convertvector(h, vuint) << 16;
-  vfloat v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-constexpr int64_t SMALL_M = 4;  // rows of x one pass over W serves (python: cpu.SMALL_LINEAR_ROWS)
-
-// sums[j] = x[j] . w for the M rows of x (float32, [M, K]); U independent
-// accumulators per row, so that fewer rows still keep the FMA units busy
-template <typename T, int M>
-inline void rows_dot(const float* x, int64_t K, const T* w, float* sums) {
-  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
-  vfloat acc[M][U];
-  for (int j = 0; j < M; ++j)
-    for (int u = 0; u < U; ++u) acc[j][u] = vfloat{};
-  int64_t i = 0;
-  for (; i + U * LANES <= K; i += U * LANES)
-    for (int u = 0; u < U; ++u) {
-      const vfloat wv = load_lanes(w + i + u * LANES);
-      for (int j = 0; j < M; ++j) acc[j][u] += load_lanes(x + j * K + i + u * LANES) * wv;
-    }
-  for (int j = 0; j < M; ++j) {
-    vfloat a = acc[j][0];
-    for (int u = 1; u < U; ++u) a += acc[j][u];
-    float s = 0.f;
-    for (int64_t l = 0; l < LANES; ++l) s += a[l];
-    for (int64_t k = i; k < K; ++k) s += x[j * K + k] * to_float(w[k]);
-    sums[j] = s;
-  }
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        if (bf16_pool) lora_apply_impl<float, c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
+        else lora_apply_impl<float, float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        if (bf16_pool) lora_apply_impl<c10::BFloat16, c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
+        else lora_apply_impl<c10::BFloat16, float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
+      }));
 }
 
 template <typename T, int M>
