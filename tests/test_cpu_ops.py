@@ -45,9 +45,12 @@ def paged_case(B, H, KV, D, block_size, lens, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 64), (32, 8, 128), (4, 1, 40)], ids=str)
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_paged_decode_attention_equals_reference(ops, dtype, heads, block_size):
+@pytest.mark.parametrize("batch", ["few", "many"])
+def test_paged_decode_attention_equals_reference(ops, dtype, heads, block_size, batch):
     H, KV, D = heads
     lens = [1, block_size, block_size + 1, 2 * block_size, 37, 129, 5]  # odd batch, block edges
+    if batch == "many":  # enough sequences that a work item takes all of one's kv heads (cpu_ops.cpp)
+        lens = (lens * (4 * torch.get_num_threads() // len(lens) + 1))[: 4 * torch.get_num_threads() + 1]
     q, k, v, table, ctx = paged_case(len(lens), H, KV, D, block_size, lens, dtype)
     got = ops.paged_decode_attention(q, k, v, table, ctx, block_size, D ** -0.5)
     want = reference.paged_decode_attention_ref(q, k, v, table, ctx, block_size, D ** -0.5)
@@ -56,6 +59,18 @@ def test_paged_decode_attention_equals_reference(ops, dtype, heads, block_size):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:  # float32 math rounded once: within one bf16 ulp of the float32 result
         torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=2**-7)
+
+
+@pytest.mark.parametrize("sharpness", [8.0, 60.0])
+def test_paged_decode_attention_peaked_softmax(ops, sharpness):
+    """Scores far apart: the op's own exp (cpu_ops.cpp, exp_lanes) over the whole range a softmax
+    shifted by its max sees, down to where exp underflows (about -87)."""
+    lens = [3, 17, 64, 129]
+    q, k, v, table, ctx = paged_case(len(lens), 8, 2, 64, 16, lens, torch.float32, seed=3)
+    got = ops.paged_decode_attention(q * sharpness, k, v, table, ctx, 16, 64 ** -0.5)
+    want = reference.paged_decode_attention_ref(q * sharpness, k, v, table, ctx, 16, 64 ** -0.5)
+    # a score's float32 rounding, times the sharpness, moves its weight: the bound grows with it
+    torch.testing.assert_close(got, want, atol=1e-6 * sharpness, rtol=1e-5)
 
 
 def test_paged_decode_attention_rejects_bad_input(ops):

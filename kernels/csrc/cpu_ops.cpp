@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -47,26 +48,6 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
-// sum_i a[i] * b[i], n a multiple of LANES or not
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[LANES] = {0};
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int64_t l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
-  float s = 0.f;
-  for (int64_t l = 0; l < LANES; ++l) s += acc[l];
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// the row as float32: itself when it is float32 already, else converted into buf
-inline const float* row_as_float(const float* src, float*, int64_t) { return src; }
-template <typename T>
-inline const float* row_as_float(const T* src, float* buf, int64_t n) {
-  load_row(src, buf, n);
-  return buf;
-}
-
 // GCC/Clang vector types, so that a weight row is converted and multiplied
 // 16 lanes at a time on any target (AVX-512, AVX2 as two halves, or scalar
 // code) with no intrinsics to choose between; a loop over a runtime number
@@ -79,6 +60,12 @@ inline vfloat load_lanes(const float* w) {
   vfloat v;
   std::memcpy(&v, w, sizeof v);
   return v;
+}
+template <typename T>
+inline vfloat load_lanes(const T* w) {  // any other dtype (float16): element by element
+  float f[LANES];
+  for (int64_t l = 0; l < LANES; ++l) f[l] = to_float(w[l]);
+  return load_lanes(static_cast<const float*>(f));
 }
 inline vfloat load_lanes(const c10::BFloat16* w) {  // bf16 -> float32: the bits moved to the top half
   vhalfword h;
@@ -139,27 +126,127 @@ inline void axpy_lanes(float alpha, const W* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * to_float(x[i]);
 }
 
-constexpr int64_t HEADS = 4;
+// the vector types' lane sum, as a tree (a sequential sum of 16 lanes is a
+// chain of dependent adds that costs more than a 64-wide dot product)
+inline float lane_sum(vfloat v) {
+  static_assert(LANES == 16, "the shuffles below halve 16 lanes");
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
 
-// out[j] = sum_i q[j * n + i] * k[i] for j < nq <= HEADS: independent
-// accumulators, one load of k for all of them
-inline void dot_many(const float* q, int64_t nq, const float* k, int64_t n, float* out) {
-  float acc[HEADS][LANES] = {{0}};
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
+
+// exp of 16 lanes: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in
+// [-ln2/2, ln2/2] (ln 2 split in two so r is exact), exp(r) by Cephes' degree-6
+// polynomial: about 1 ulp of float32 over the softmax's range (x <= 0; below
+// -87 the result is the smallest normal float, not 0, which no sum notices)
+inline vfloat exp_lanes(vfloat x) {
+  const vfloat lo = vfloat{} - 87.3365448f, hi = vfloat{} + 88.3762626f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vfloat fx = x * 1.44269504088896341f + 0.5f;
+  vint n = __builtin_convertvector(fx, vint);  // truncation: one too many where fx < 0 and not whole
+  vfloat fn = __builtin_convertvector(n, vfloat);
+  const vint over = fn > fx;
+  n += over;  // -1 where truncation rounded up
+  fn = __builtin_convertvector(n, vfloat);
+  const vfloat r = x - fn * 0.693359375f - fn * -2.12194440e-4f;
+  vfloat p = vfloat{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vint bits = (n + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// s[i] = exp(s[i] - shift) for i < n; returns their sum
+inline float exp_shifted_sum(float* s, int64_t n, float shift) {
+  vfloat total = vfloat{};
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int64_t j = 0; j < nq; ++j)
-      for (int64_t l = 0; l < LANES; ++l) acc[j][l] += q[j * n + i + l] * k[i + l];
-  for (int64_t j = 0; j < nq; ++j) {
-    float s = 0.f;
-    for (int64_t l = 0; l < LANES; ++l) s += acc[j][l];
-    for (int64_t r = i; r < n; ++r) s += q[j * n + r] * k[r];
-    out[j] = s;
+  for (; i + LANES <= n; i += LANES) {
+    vfloat v = exp_lanes(load_lanes(s + i) - shift);
+    std::memcpy(s + i, &v, sizeof v);
+    total += v;
+  }
+  float sum = lane_sum(total);
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - shift);
+    sum += s[i];
+  }
+  return sum;
+}
+
+// out lane j = the sum of v[j]'s lanes, for 16 vectors at once: lane_sum's
+// tree shared by all of them (30 shuffles and adds, not 16 x 8)
+inline vfloat lane_sums(const vfloat* v) {
+  static_assert(LANES == 16, "the shuffles below halve 16 lanes");
+  // fed in bit-reversed order, the tree leaves vector j's sum in lane j
+  constexpr int BITREV[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  vfloat l1[8], l2[4], l3[2];
+  for (int i = 0; i < 8; ++i) {
+    const vfloat a = v[BITREV[2 * i]], b = v[BITREV[2 * i + 1]];
+    l1[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const vfloat a = l1[2 * i], b = l1[2 * i + 1];
+    l2[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+            __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vfloat a = l2[2 * i], b = l2[2 * i + 1];
+    l3[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+            __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  return __builtin_shufflevector(l3[0], l3[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(l3[0], l3[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+constexpr int64_t KEYS = LANES;  // keys scored together: one vector of scores per query head
+
+// scores[j] = q . k[j] for the KEYS rows of k (float32, rows ld apart, those
+// past the tile's end zero), of which the first nk are stored
+inline void score_tile(const float* q, const float* k, int64_t ld, int64_t D, int64_t nk, float* scores) {
+  vfloat acc[KEYS];
+  for (int64_t j = 0; j < KEYS; ++j) acc[j] = vfloat{};
+  int64_t d = 0;
+  for (; d + LANES <= D; d += LANES) {
+    const vfloat qv = load_lanes(q + d);
+    for (int64_t j = 0; j < KEYS; ++j) acc[j] += qv * load_lanes(k + j * ld + d);
+  }
+  float sums[KEYS];
+  const vfloat total = lane_sums(acc);
+  std::memcpy(sums, &total, sizeof sums);
+  for (int64_t j = 0; j < nk; ++j) {
+    for (int64_t r = d; r < D; ++r) sums[j] += q[r] * k[j * ld + r];
+    scores[j] = sums[j];
   }
 }
 
-// y[i] += alpha * x[i]
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+// acc += sum_j p[j] * v[j] over the nk rows of v (float32, rows ld apart)
+inline void weigh_tile(const float* p, const float* v, int64_t ld, int64_t D, int64_t nk, float* acc) {
+  int64_t d = 0;
+  for (; d + LANES <= D; d += LANES) {
+    vfloat a0 = load_lanes(acc + d), a1 = vfloat{};  // two chains: half the FMA latency per key
+    int64_t j = 0;
+    for (; j + 2 <= nk; j += 2) {
+      a0 += p[j] * load_lanes(v + j * ld + d);
+      a1 += p[j + 1] * load_lanes(v + (j + 1) * ld + d);
+    }
+    if (j < nk) a0 += p[j] * load_lanes(v + j * ld + d);
+    a0 += a1;
+    std::memcpy(acc + d, &a0, sizeof a0);
+  }
+  for (; d < D; ++d)
+    for (int64_t j = 0; j < nk; ++j) acc[d] += p[j] * v[j * ld + d];
 }
 
 template <typename T>
@@ -177,51 +264,58 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   T* op = out.data_ptr<T>();
   const int64_t slot_stride = KV * D;  // elements between consecutive slots
   const float fscale = static_cast<float>(scale);
+  // A work item is a sequence and a run of its kv heads: all of them (each cache row read whole,
+  // one contiguous run) where the sequences alone keep every thread busy, else one (more items).
+  const int64_t heads_per_item = B >= 4 * at::get_num_threads() ? KV : 1;
+  const int64_t items_per_seq = KV / heads_per_item, width = heads_per_item * D, nq = heads_per_item * G;
 
-  // one work item per (sequence, kv head): its G query heads share every key row read
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), krow(D), acc(G * D), scores;
+  at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(nq * D), acc(nq * D), scores, denom(nq), tile(KEYS * width);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KV, kvh = item % KV;
+      const int64_t b = item / items_per_seq, h0 = item % items_per_seq * heads_per_item;  // first kv head
       const int64_t n = lens[b];
       TORCH_CHECK(n >= 1 && n <= max_blocks * block_size, "context length ", n, " outside the block table");
-      scores.assign(G * n, 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        load_row(qp + (b * H + kvh * G + g) * D, qf.data() + g * D, D);
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] *= fscale;
+      scores.resize(nq * n);
+      // query heads h0 * G .. (h0 + heads_per_item) * G: contiguous in q
+      load_row(qp + (b * H + h0 * G) * D, qf.data(), nq * D);
+      for (auto& x : qf) x *= fscale;
+      auto row = [&](const T* cache, int64_t t) {
+        return cache + (table[b * max_blocks + t / block_size] * block_size + t % block_size) * slot_stride + h0 * D;
+      };
+      // rows t0 .. t1 on their way from memory while this tile is computed: a decode step's
+      // cache rows are cold, and a block's rows for a run of heads lie slot_stride apart
+      auto prefetch = [&](const T* cache, int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < std::min(n, t1); ++t)
+          for (int64_t off = 0; off < width * static_cast<int64_t>(sizeof(T)); off += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(row(cache, t)) + off);
+      };
+      // the cache rows of keys t0 .. t0 + nk, converted to float32 into `tile` (the rest zero)
+      auto load_tile = [&](const T* cache, int64_t t0, int64_t nk) {
+        for (int64_t j = 0; j < nk; ++j) load_row(row(cache, t0 + j), tile.data() + j * width, width);
+        std::fill(tile.begin() + nk * width, tile.end(), 0.f);
+        // none
+      };
+      for (int64_t t0 = 0; t0 < n; t0 += KEYS) {
+        const int64_t nk = std::min(KEYS, n - t0);
+        load_tile(kp, t0, nk);
+        for (int64_t h = 0; h < nq; ++h)  // query head h reads kv head h / G of the run
+          score_tile(qf.data() + h * D, tile.data() + h / G * D, width, D, nk, scores.data() + h * n + t0);
       }
-      std::vector<float> mx(G, -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t slot = table[b * max_blocks + t / block_size] * block_size + t % block_size;
-        const float* k = row_as_float(kp + slot * slot_stride + kvh * D, krow.data(), D);
-        for (int64_t g0 = 0; g0 < G; g0 += HEADS) {  // HEADS query heads share each load of the key row
-          const int64_t ng = std::min(HEADS, G - g0);
-          float sums[HEADS];
-          dot_many(qf.data() + g0 * D, ng, k, D, sums);
-          for (int64_t j = 0; j < ng; ++j) {
-            scores[(g0 + j) * n + t] = sums[j];
-            if (sums[j] > mx[g0 + j]) mx[g0 + j] = sums[j];
-          }
-        }
-      }
-      std::vector<float> denom(G, 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * n;
-        for (int64_t t = 0; t < n; ++t) {
-          s[t] = std::exp(s[t] - mx[g]);
-          denom[g] += s[t];
-        }
+      for (int64_t h = 0; h < nq; ++h) {
+        float* s = scores.data() + h * n;
+        denom[h] = exp_shifted_sum(s, n, *std::max_element(s, s + n));
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t slot = table[b * max_blocks + t / block_size] * block_size + t % block_size;
-        const float* v = row_as_float(vp + slot * slot_stride + kvh * D, krow.data(), D);
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + t], v, acc.data() + g * D, D);
+      for (int64_t t0 = 0; t0 < n; t0 += KEYS) {
+        const int64_t nk = std::min(KEYS, n - t0);
+        load_tile(vp, t0, nk);
+        for (int64_t h = 0; h < nq; ++h)
+          weigh_tile(scores.data() + h * n + t0, tile.data() + h / G * D, width, D, nk, acc.data() + h * D);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        T* o = op + (b * H + kvh * G + g) * D;
-        const float inv = 1.f / denom[g];
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+      T* o = op + (b * H + h0 * G) * D;
+      for (int64_t h = 0; h < nq; ++h) {
+        const float inv = 1.f / denom[h];
+        for (int64_t d = 0; d < D; ++d) o[h * D + d] = static_cast<T>(acc[h * D + d] * inv);
       }
     }
   });

@@ -154,6 +154,8 @@ class LlamaModel:
         k_cache, v_cache = kv_cache.layer(layer_idx)  # [slots, KV, D] each
         k_cache.index_copy_(0, attn.slot_mapping, k)
         v_cache.index_copy_(0, attn.slot_mapping, v)
+        if not attn.prefills and attn.decode is not None:  # every token decodes (runner.prepare keeps them in order): no gather, no scatter
+            return self._decode_attention(q, k_cache, v_cache, attn.decode).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
         for p in attn.prefills:
             qs = q[p.start : p.start + p.num_new].transpose(0, 1)[None]  # [1, H, n, D]
