@@ -10,10 +10,10 @@ modules; a prefill of 8 x 128 tokens; one sequence alone):
     decode DoRA / LoRA                    <= 1.05
     one sequence alone                    tok/s of the runner's decode step (small-batch GEMMs)
 
-"before" rows swap the model's decode attention, its small-batch GEMMs
-and the LoRA backend's op for their torch paths (server/model/attention.py,
-base_linear.py, kernels/cpu.py) on the same model, pool and cache, so only
-the op differs.
+"before" rows swap the model's decode attention, its small-batch GEMMs,
+norms and rotary, and the LoRA backend's op for their torch paths
+(server/model/attention.py, base_linear.py, layer_ops.py, kernels/cpu.py)
+on the same model, pool and cache, so only the ops differ.
 
     .venv/bin/python -m loramux.bench.step_targets [--dtype bfloat16 float32] [--repeats 7] [--no-prefill]
 """
@@ -34,6 +34,7 @@ from loramux.bench.synthetic import random_adapter
 from loramux.server.llm import DTYPES, load_base
 from loramux.server.model.attention import torch_decode_attention
 from loramux.server.model.kv_tensors import KVCache
+from loramux.server.model.layer_ops import TORCH_OPS
 from loramux.server.model.lora_backend import CpuLoraBackend, select_lora_backend
 from loramux.server.model.runner import ModelRunner, SeqChunk
 
@@ -41,14 +42,14 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linea
 
 
 @contextlib.contextmanager
-def torch_attention_and_gemms(model):
-    """The model's decode attention and small-batch GEMMs on their torch paths, for a while."""
-    attend, linear = model._decode_attention, model._base_linear
-    model._decode_attention, model._base_linear = torch_decode_attention, F.linear
+def torch_model_ops(model):
+    """The model's decode attention, small-batch GEMMs, norms and rotary on their torch paths, for a while."""
+    attend, linear, layer_ops = model._decode_attention, model._base_linear, model.layer_ops
+    model._decode_attention, model._base_linear, model.layer_ops = torch_decode_attention, F.linear, TORCH_OPS
     try:
         yield
     finally:
-        model._decode_attention, model._base_linear = attend, linear
+        model._decode_attention, model._base_linear, model.layer_ops = attend, linear, layer_ops
 
 
 def gemm_share(fn, steps: int = 3) -> float:
@@ -103,7 +104,7 @@ def measure(dtype: str, repeats: int, prefill: bool, num_seqs=32, num_adapters=8
 
     def on_torch(chunks):
         def run():
-            with torch_attention_and_gemms(model):
+            with torch_model_ops(model):
                 torch_runner.run(chunks)
         return run
 

@@ -229,6 +229,66 @@ def test_model_gemms_take_small_linear_for_few_rows_only(ops, monkeypatch):
     assert calls == [1, SMALL_LINEAR_ROWS]
 
 
+LAYER_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _same_as_torch(got, want):
+    """bf16 and fp16: bit for bit (the op rounds where torch's ops round); float32: within an ulp
+    or two (summation order, fused multiply-adds)."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=3e-7)
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, ids=str)
+@pytest.mark.parametrize("n", [576, 40, 7])
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_rms_norm_equals_the_torch_path(ops, dtype, n, rows):
+    from loramux.server.model.layer_ops import rms_norm
+
+    g = torch.Generator().manual_seed(n + rows)
+    x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype)
+    _same_as_torch(ops.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 40, 8])
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_rope_equals_the_torch_path_in_place(ops, dtype, d, tokens):
+    """On the q and k heads of a fused qkv row (rows (H + 2 KV) * D apart, as the model calls it);
+    the v heads after them are left as they were."""
+    from loramux.server.model.layer_ops import rope
+
+    H, KV = 6, 2
+    g = torch.Generator().manual_seed(d + tokens)
+    qkv = torch.randn(tokens, (H + 2 * KV) * d, generator=g).to(dtype)
+    freqs = torch.arange(tokens).float()[:, None] * 1e4 ** (-torch.arange(0, d, 2).float() / d)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    qk = qkv[:, : (H + KV) * d].unflatten(1, (H + KV, d))
+    want, v = rope(qk, cos, sin), qkv[:, (H + KV) * d :].clone()
+    ops.rope_(qk, cos, sin)
+    _same_as_torch(qk, want)
+    assert torch.equal(qkv[:, (H + KV) * d :], v)
+
+
+def test_layer_ops_fall_back_to_torch_where_the_op_does_not_apply(ops):
+    """The compiled norm and rotation take their fast path where the op's layout holds, else torch's."""
+    from loramux.server.model.layer_ops import compiled_layer_ops, rms_norm, rope
+
+    layer = compiled_layer_ops(ops)
+    x = torch.randn(4, 2, 16)[:, 0]  # rows not contiguous
+    torch.testing.assert_close(layer.rms_norm(x, torch.ones(16), 1e-5), rms_norm(x, torch.ones(16), 1e-5))
+    heads = torch.randn(3, 16, 4).transpose(1, 2)  # heads not D apart
+    cos, sin = torch.randn(3, 16), torch.randn(3, 16)
+    want = rope(heads, cos, sin)
+    torch.testing.assert_close(layer.rope(heads, cos, sin), want)
+    with pytest.raises(RuntimeError, match="heads D apart"):
+        ops.rope_(heads, cos, sin)
+
+
 def test_without_a_compiler_the_torch_path_serves(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert cpu_ops(tmp_path) is None

@@ -76,6 +76,41 @@ inline vfloat load_lanes(const c10::BFloat16* w) {  // bf16 -> float32: the bits
   return v;
 }
 
+// float32 -> bf16 bits, rounded to nearest even as c10::BFloat16 rounds (NaN stays a NaN)
+inline vuint bf16_bits(vfloat v) {
+  vuint bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const vuint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? vuint{} + 0x7FC0u : rounded;
+}
+
+// the lanes stored in dst's dtype, each rounded once
+inline void store_lanes(float* dst, vfloat v) { std::memcpy(dst, &v, sizeof v); }
+inline void store_lanes(c10::BFloat16* dst, vfloat v) {
+  const vhalfword h = __builtin_convertvector(bf16_bits(v), vhalfword);
+  std::memcpy(dst, &h, sizeof h);
+}
+template <typename T>
+inline void store_lanes(T* dst, vfloat v) {  // any other dtype (float16): element by element
+  for (int64_t l = 0; l < LANES; ++l) dst[l] = static_cast<T>(v[l]);
+}
+
+// the lanes rounded to T and back: what a torch op in T leaves between two steps
+inline vfloat round_lanes(vfloat v, const float*) { return v; }
+inline vfloat round_lanes(vfloat v, const c10::BFloat16*) {
+  const vuint bits = bf16_bits(v) << 16;
+  vfloat r;
+  std::memcpy(&r, &bits, sizeof r);
+  return r;
+}
+template <typename T>
+inline vfloat round_lanes(vfloat v, const T*) {
+  for (int64_t l = 0; l < LANES; ++l) v[l] = to_float(static_cast<T>(v[l]));
+  return v;
+}
+template <typename T>
+inline float round_to(float v) { return to_float(static_cast<T>(v)); }
+
 constexpr int64_t SMALL_M = 4;  // rows of x one pass over W serves (python: base_linear.SMALL_LINEAR_ROWS)
 
 // sums[j] = x[j] . w for the M rows of x (float32, [M, K]); U independent
@@ -469,10 +504,92 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, c10::optional<
   return out;
 }
 
+// HF Llama's RMSNorm of each row: y = w * round(x * rsqrt(mean(x^2) + eps)), float32 math, the
+// normalized row rounded to x's dtype before the weight multiplies it, the product rounded again
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t N, float eps) {
+  at::parallel_for(0, rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* xr = x + r * N;
+      T* yr = y + r * N;
+      vfloat acc = vfloat{};
+      int64_t i = 0;
+      for (; i + LANES <= N; i += LANES) {
+        const vfloat v = load_lanes(xr + i);
+        acc += v * v;
+      }
+      float sq = lane_sum(acc);
+      for (int64_t k = i; k < N; ++k) sq += to_float(xr[k]) * to_float(xr[k]);
+      const float inv = 1.f / std::sqrt(sq / static_cast<float>(N) + eps);
+      for (i = 0; i + LANES <= N; i += LANES)
+        store_lanes(yr + i, load_lanes(w + i) * round_lanes(load_lanes(xr + i) * inv, xr));
+      for (; i < N; ++i) yr[i] = static_cast<T>(to_float(w[i]) * round_to<T>(to_float(xr[i]) * inv));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x [T, N] contiguous");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous()
+              && weight.scalar_type() == x.scalar_type(), "weight [N], x's dtype");
+  auto y = at::empty_like(x);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
+      AT_DISPATCH_CASE(at::kFloat, [&] { rms_norm_impl(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps)); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { rms_norm_impl(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), static_cast<float>(eps)); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { rms_norm_impl(x.data_ptr<c10::Half>(), weight.data_ptr<c10::Half>(), y.data_ptr<c10::Half>(), x.size(0), x.size(1), static_cast<float>(eps)); }));
+  return y;
+}
+
+// HF Llama's rotary embedding in place, rotate-half layout: with x = [x1, x2] halves of a head,
+//   x <- x * cos + [-x2, x1] * sin
+// each product and the sum rounded to x's dtype, as the three torch ops in it round
+template <typename T>
+void rope_impl(T* x, int64_t tokens, int64_t row_stride, int64_t heads, int64_t D, const T* cos, const T* sin) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, tokens, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const T* c = cos + t * D;
+      const T* s = sin + t * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* p = x + t * row_stride + h * D;
+        int64_t i = 0;
+        for (; i + LANES <= half; i += LANES) {
+          const vfloat x1 = load_lanes(p + i), x2 = load_lanes(p + half + i);
+          const vfloat y1 = round_lanes(x1 * load_lanes(c + i), p) - round_lanes(x2 * load_lanes(s + i), p);
+          const vfloat y2 = round_lanes(x2 * load_lanes(c + half + i), p) + round_lanes(x1 * load_lanes(s + half + i), p);
+          store_lanes(p + i, y1);
+          store_lanes(p + half + i, y2);
+        }
+        for (; i < half; ++i) {
+          const float x1 = to_float(p[i]), x2 = to_float(p[half + i]);
+          p[i] = static_cast<T>(round_to<T>(x1 * to_float(c[i])) - round_to<T>(x2 * to_float(s[i])));
+          p[half + i] = static_cast<T>(round_to<T>(x2 * to_float(c[half + i])) + round_to<T>(x1 * to_float(s[half + i])));
+        }
+      }
+    }
+  });
+}
+
+// x [T, heads, D]: heads D apart, D contiguous, rows anywhere (a view of the fused qkv output);
+// cos, sin [T, D] contiguous, x's dtype
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
+              "x [T, heads, D]: heads D apart, D contiguous and even");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) && cos.size(1) == x.size(2)
+              && cos.is_contiguous() && sin.is_contiguous(), "cos, sin [T, D] contiguous");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "one dtype");
+  AT_DISPATCH_SWITCH(x.scalar_type(), "rope_",
+      AT_DISPATCH_CASE(at::kFloat, [&] { rope_impl(x.data_ptr<float>(), x.size(0), x.stride(0), x.size(1), x.size(2), cos.data_ptr<float>(), sin.data_ptr<float>()); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { rope_impl(x.data_ptr<c10::BFloat16>(), x.size(0), x.stride(0), x.size(1), x.size(2), cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>()); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { rope_impl(x.data_ptr<c10::Half>(), x.size(0), x.stride(0), x.size(1), x.size(2), cos.data_ptr<c10::Half>(), sin.data_ptr<c10::Half>()); }));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
   m.def("lora_apply", &lora_apply, "every short segment's LoRA delta of one layer and group");
   m.def("small_linear", &small_linear, "x @ w^T (+ bias) for 1 to 4 rows of x, streaming w once");
+  m.def("rms_norm", &rms_norm, "HF Llama's RMSNorm of each row of x");
+  m.def("rope_", &rope_, "HF Llama's rotary embedding of x [T, heads, D], in place");
 }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from loramux.server.config import ModelConfig
 from loramux.server.model.attention import DecodeGroup, select_decode_attention
 from loramux.server.model.base_linear import select_base_linear
+from loramux.server.model.layer_ops import select_layer_ops
 from loramux.server.model.loader import cache_root
 from loramux.server.model.lora_backend import LoraBackend, LoraBatch
 
@@ -74,19 +75,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos, sin: [T, 1, D] (the rotate-half layout of HF Llama)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class LlamaModel:
     """Weights and forward of one base model; LoRA weights live in a pool,
     which the runner's LoRA backend reads."""
@@ -123,13 +111,14 @@ class LlamaModel:
         self.inv_freq = inv_freq.to(self.device)
         self.decode_attention_path, self._decode_attention = select_decode_attention(self.device, cache_root())
         self.base_linear_path, self._base_linear = select_base_linear(self.device, cache_root())
+        self.layer_ops = select_layer_ops(self.device, cache_root())
 
     # -- pieces -------------------------------------------------------------
 
     def _rope_tables(self, positions: torch.Tensor):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D] each
 
     def base_weight(self, layer_idx: int, group: str) -> torch.Tensor:
         """The fused base weight [out_total, in] of a LoRA group, its modules'
@@ -192,7 +181,7 @@ class LlamaModel:
         next_token_logprobs). One pass over the layers."""
         x = self._hidden(batch, kv_cache, lora)
         logits = self._logits(x[batch.logits_index])  # the very ops forward runs on the very rows
-        return logits, rms_norm(x[batch.prompt_index], self.norm, self.cfg.rms_norm_eps)
+        return logits, self.layer_ops.rms_norm(x[batch.prompt_index], self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def next_token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
@@ -226,27 +215,29 @@ class LlamaModel:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, hidden] final-layer hidden states -> [N, vocab] float32
-        return self._base_linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head, None).float()
+        norm = self.layer_ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return self._base_linear(norm, self.lm_head, None).float()
 
     def _hidden(self, batch: ForwardBatch, kv_cache, lora: LoraBackend | None) -> torch.Tensor:
         """The last layer's output [T, hidden] (before the final norm) of every token."""
         if batch.lora is not None and lora is None:
             raise ValueError("a batch with adapter tokens needs the LoRA backend that prepared it")
         cfg = self.cfg
-        T = batch.input_ids.shape[0]
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self._rope_tables(batch.positions)
+        norm, rope = self.layer_ops.rms_norm, self.layer_ops.rope
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
+            h = norm(x, layer["input_norm"], cfg.rms_norm_eps)
             qkv = self._linear(h, i, "qkv", lora, batch.lora, layer["qkv_bias"])
-            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-            q = apply_rope(q.reshape(T, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.reshape(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            # q and k heads side by side in qkv: one rotation for both
+            qk = rope(qkv[:, : q_size + kv_size].unflatten(1, (H + KV, D)), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, q_size + kv_size :].unflatten(1, (KV, D))
             a = self._attention(q, k, v, i, kv_cache, batch.attn)
             x = x + self._linear(a, i, "o", lora, batch.lora)
-            h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)
+            h = norm(x, layer["post_norm"], cfg.rms_norm_eps)
             gate, up = self._linear(h, i, "gate_up", lora, batch.lora).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, i, "down", lora, batch.lora)
         return x

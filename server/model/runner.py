@@ -71,7 +71,7 @@ class ModelRunner:
         """Which implementations serve this runner, for the startup log."""
         lora = getattr(self.lora, "path", "none")
         return (f"decode attention: {self.model.decode_attention_path}, LoRA deltas: {lora}, "
-                f"small-batch GEMMs: {self.model.base_linear_path}")
+                f"small-batch GEMMs: {self.model.base_linear_path}, norms and rotary: {self.model.layer_ops.path}")
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         # flat KV slots of positions start..end-1 (plain Python: a step builds

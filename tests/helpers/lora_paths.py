@@ -17,14 +17,17 @@ def choose_path(monkeypatch, path: str) -> None:
 
 
 def assert_runner_path(runner, path: str) -> None:
-    """The runner's LoRA backend, its model's decode attention and small-batch GEMMs are `path`'s."""
+    """The runner's LoRA backend, its model's decode attention, small-batch GEMMs, norms and rotary are
+    `path`'s."""
     from loramux.server.model.lora_backend import CpuLoraBackend, TritonLoraBackend
 
     assert isinstance(runner.lora, TritonLoraBackend if path == "triton" else CpuLoraBackend)
     assert runner.lora.path == path
-    # the small-batch GEMMs are the compiled op wherever the model is on a CPU and the ops are allowed
-    gemms = "compiled" if path != "torch" and runner.model.device.type == "cpu" else "torch"
-    assert runner.kernel_paths() == f"decode attention: {path}, LoRA deltas: {path}, small-batch GEMMs: {gemms}"
+    # the small-batch GEMMs, norms and rotary are the compiled ops wherever the model is on a CPU and
+    # the ops are allowed
+    cpu = "compiled" if path != "torch" and runner.model.device.type == "cpu" else "torch"
+    assert runner.kernel_paths() == (f"decode attention: {path}, LoRA deltas: {path}, small-batch GEMMs: {cpu}, "
+                                     f"norms and rotary: {cpu}")
 
 
 def forbid_other_lora_path(monkeypatch, path: str) -> None:
