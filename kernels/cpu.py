@@ -125,18 +125,21 @@ def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, sl
     rounded once), which in a decode step is all of them. num_slices,
     slice_offsets: the group's slices and their column boundaries in `out`
     (b_block's row k belongs to slice k % num_slices, so the op skips the
-    zero blocks)."""
+    zero blocks). dora: None, or (lo, hi, table, rows): tokens lo..hi-1
+    scaled by the rows `rows` ([hi - lo] long) of table ([slots + 1,
+    out_total] float32, the pool's dora_scale), which the op reads in place."""
     if not cw.work:
         return
-    if x.dtype not in COMPILED_DTYPES or (cw.long and dora):
+    if x.dtype not in COMPILED_DTYPES or (cw.long and dora is not None):
         # a DoRA scale must follow every delta of its rows: with long segments one path does both
-        return apply_lora(x, out, cw.work, dora)
+        gathered = () if dora is None else [(dora[0], dora[1], dora[2].index_select(0, dora[3]))]
+        return apply_lora(x, out, cw.work, gathered)
     if cw.long:
         apply_lora(x, out, cw.long)
     if cw.starts:
-        scale, scale_lo = (dora[0][2], dora[0][0]) if dora else (None, 0)
+        lo, _, table, rows = dora if dora is not None else (0, 0, None, None)
         ops.lora_apply(x.contiguous(), out, cw.starts, cw.ends, cw.a_rows, cw.b_rows, num_slices,
-                       slice_offsets, scale, scale_lo)
+                       slice_offsets, table, rows, lo)
 
 
 # A segment this long is multiplied in the model's dtype (large enough for

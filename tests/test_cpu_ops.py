@@ -83,6 +83,16 @@ def test_paged_decode_attention_rejects_bad_input(ops):
         ops.paged_decode_attention(q.bfloat16(), k, v, table, ctx, 4, 0.25)
 
 
+def dora_rows(tokens, lo, hi, out_total, gen):
+    """A DoRA scale table as the pool keeps it (a row per slot, then the all-ones row for base
+    tokens) and the row of each token lo..hi-1."""
+    slots = max(tokens) + 1
+    table = torch.rand(slots + 1, out_total, generator=gen) + 0.5
+    table[slots] = 1.0
+    rows = torch.tensor([slot if slot != -1 else slots for slot in tokens[lo:hi]], dtype=torch.long)
+    return table, rows
+
+
 # mixed ranks (4, 2, 8 and a scattered 4), base rows between, short segments and a long one
 PAGES = {0: [0, 1, 2, 3], 1: [8, 9], 2: [12, 13, 14, 15, 16, 17, 18, 19], 3: [20, 22, 21, 30]}
 TOKENS = [2, 2, -1, 0, 1, 1, 1, -1, -1, 3, 3, 0] + [1] * 70 + [-1]
@@ -98,7 +108,7 @@ def test_lora_apply_equals_reference(ops, dtype, inn):
     base = torch.randn(len(TOKENS), b.shape[1], generator=gen).to(dtype)
     work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
     got = base.clone()
-    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), (), 3, offs)
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), None, 3, offs)
     want = base.float() + reference_delta(x.float(), TOKENS, a_pages, b, page_table, ranks, scales, offs)
     base_rows = [t for t, slot in enumerate(TOKENS) if slot == -1]
     assert torch.equal(got[base_rows], base[base_rows]), "a base row changed"
@@ -126,14 +136,13 @@ def test_lora_apply_reads_a_bf16_pool(ops, dtype, dora):
     x = torch.randn(len(tokens), 40, generator=gen).to(dtype)
     base = torch.randn(len(tokens), b.shape[1], generator=gen).to(dtype)
     work = [(s, s + n, *views16[slot]) for s, n, slot in seg.with_adapter()]
-    rows = ()
+    scaled, gathered = None, ()
     if dora:
-        row_scale = torch.rand(8, b.shape[1], generator=gen) + 0.5
-        row_scale[[t - 3 for t in range(3, 11) if tokens[t] == -1]] = 1.0  # base rows: the pool's all-ones row
-        rows = [(3, 11, row_scale)]
+        table, rows = dora_rows(tokens, 3, 11, b.shape[1], gen)
+        scaled, gathered = (3, 11, table, rows), [(3, 11, table[rows])]
     got, want = base.clone(), base.clone()
-    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), rows, 3, offs)
-    cpu.apply_lora(x, want, [(s, e, a.float(), bb.float()) for s, e, a, bb in work], rows)
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), scaled, 3, offs)
+    cpu.apply_lora(x, want, [(s, e, a.float(), bb.float()) for s, e, a, bb in work], gathered)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(got, want, **tol)
     base_rows = [t for t, slot in enumerate(tokens) if slot == -1]
@@ -151,12 +160,10 @@ def test_lora_apply_with_dora_rows_equals_the_torch_path(ops, dtype):
     base = torch.randn(len(tokens), b.shape[1], generator=gen).to(dtype)
     work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
     lo, hi = 3, 11  # token 11 has an adapter but no row scale
-    row_scale = torch.rand(hi - lo, b.shape[1], generator=gen) + 0.5
-    row_scale[[t - lo for t in range(lo, hi) if tokens[t] == -1]] = 1.0  # base rows: the pool's all-ones row
-    dora = [(lo, hi, row_scale)]
+    table, rows = dora_rows(tokens, lo, hi, b.shape[1], gen)
     got, want = base.clone(), base.clone()
-    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), dora, 3, offs)
-    cpu.apply_lora(x, want, work, dora)  # the torch path: float32 sums and scales, rounded once
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), (lo, hi, table, rows), 3, offs)
+    cpu.apply_lora(x, want, work, [(lo, hi, table[rows])])  # the torch path: float32 sums and scales, rounded once
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(got, want, **tol)
 
@@ -166,7 +173,7 @@ def test_lora_apply_long_segments_with_dora_take_the_torch_path():
     seg = make_segments(TOKENS)
     x = torch.randn(len(TOKENS), 8)
     work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
-    dora = [(0, len(TOKENS), torch.rand(len(TOKENS), b.shape[1]) + 0.5)]
+    table, rows = dora_rows(TOKENS, 0, len(TOKENS), b.shape[1], torch.Generator().manual_seed(5))
     called = []
 
     class Recording:
@@ -174,8 +181,8 @@ def test_lora_apply_long_segments_with_dora_take_the_torch_path():
             called.append(args)
 
     got, want = torch.zeros(len(TOKENS), b.shape[1]), torch.zeros(len(TOKENS), b.shape[1])
-    cpu.apply_lora_compiled(Recording(), x, got, cpu.CompiledWork.of(work), dora, 3, offs)
-    cpu.apply_lora(x, want, work, dora)
+    cpu.apply_lora_compiled(Recording(), x, got, cpu.CompiledWork.of(work), (0, len(TOKENS), table, rows), 3, offs)
+    cpu.apply_lora(x, want, work, [(0, len(TOKENS), table[rows])])
     assert not called and torch.equal(got, want)
 
 

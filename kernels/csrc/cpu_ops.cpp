@@ -377,18 +377,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 // Tokens processed together against one row of A (each row read once per tile).
 constexpr int64_t TILE = SMALL_M;
 
+// DoRA's row scales: token t in [lo, hi) has its output row multiplied by row rows[t - lo] of
+// table ([rows, out_total] float32: the pool's per-slot scales; none when table is null)
+struct RowScale {
+  const float* table = nullptr;
+  const int64_t* rows = nullptr;
+  int64_t lo = 0, hi = 0;
+};
+
 // T: the activations' dtype; W: the pool's (float32, or bf16 for a bf16 model: half the bytes a step streams)
 template <typename T, typename W>
 void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int64_t>& starts,
                      const std::vector<int64_t>& ends, const std::vector<at::Tensor>& a_rows,
                      const std::vector<at::Tensor>& b_rows, int64_t num_slices,
-                     const std::vector<int64_t>& slice_offsets, const c10::optional<at::Tensor>& row_scale,
-                     int64_t scale_lo) {
+                     const std::vector<int64_t>& slice_offsets, const RowScale& scale) {
   const int64_t in = x.size(1), out_total = out.size(1);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const float* sp = row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr;
-  const int64_t scale_hi = row_scale.has_value() ? scale_lo + row_scale->size(0) : scale_lo;
   // work items: (segment, tile of TILE tokens), so a long segment spreads over threads too
   std::vector<std::pair<int64_t, int64_t>> items;
   for (size_t s = 0; s < starts.size(); ++s)
@@ -418,8 +423,8 @@ void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int
         const int64_t t = t0 + j;
         T* o = op + t * out_total;
         const float* dl = delta.data() + j * out_total;
-        if (sp != nullptr && t >= scale_lo && t < scale_hi) {
-          const float* sc = sp + (t - scale_lo) * out_total;
+        if (scale.table != nullptr && t >= scale.lo && t < scale.hi) {
+          const float* sc = scale.table + scale.rows[t - scale.lo] * out_total;
           for (int64_t c = 0; c < out_total; ++c) o[c] = static_cast<T>((to_float(o[c]) + dl[c]) * sc[c]);
         } else {
           for (int64_t c = 0; c < out_total; ++c) o[c] = static_cast<T>(to_float(o[c]) + dl[c]);
@@ -431,7 +436,8 @@ void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int
 
 void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> starts, std::vector<int64_t> ends,
                 std::vector<at::Tensor> a_rows, std::vector<at::Tensor> b_rows, int64_t num_slices,
-                std::vector<int64_t> slice_offsets, c10::optional<at::Tensor> row_scale, int64_t scale_lo) {
+                std::vector<int64_t> slice_offsets, c10::optional<at::Tensor> scale_table,
+                c10::optional<at::Tensor> scale_rows, int64_t scale_lo) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "x [T,in], out [T,out_total]");
   TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.is_contiguous() && out.is_contiguous(), "x, out: one dtype, contiguous");
   TORCH_CHECK(starts.size() == ends.size() && a_rows.size() == starts.size() && b_rows.size() == starts.size(), "one A and B per segment");
@@ -445,18 +451,28 @@ void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> start
     TORCH_CHECK(b_rows[s].is_contiguous() && b_rows[s].size(1) == out.size(1) && b_rows[s].size(0) == a_rows[s].size(0),
                 "B rows [rn,out_total]");
   }
-  if (row_scale.has_value())
-    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->is_contiguous() && row_scale->size(1) == out.size(1), "row scale");
+  RowScale scale;
+  if (scale_table.has_value()) {
+    TORCH_CHECK(scale_table->scalar_type() == at::kFloat && scale_table->is_contiguous() && scale_table->dim() == 2
+                && scale_table->size(1) == out.size(1), "scale table [rows, out_total] float32");
+    TORCH_CHECK(scale_rows.has_value() && scale_rows->scalar_type() == at::kLong && scale_rows->is_contiguous()
+                && scale_rows->dim() == 1, "a scale row per token");
+    const int64_t* rows = scale_rows->data_ptr<int64_t>();
+    for (int64_t i = 0; i < scale_rows->size(0); ++i)
+      TORCH_CHECK(rows[i] >= 0 && rows[i] < scale_table->size(0), "scale row outside the table");
+    TORCH_CHECK(scale_lo >= 0 && scale_lo + scale_rows->size(0) <= x.size(0), "scaled tokens outside the batch");
+    scale = RowScale{scale_table->data_ptr<float>(), rows, scale_lo, scale_lo + scale_rows->size(0)};
+  }
   if (starts.empty()) return;
   const bool bf16_pool = a_rows[0].scalar_type() == at::kBFloat16;
   AT_DISPATCH_SWITCH(x.scalar_type(), "lora_apply",
       AT_DISPATCH_CASE(at::kFloat, [&] {
-        if (bf16_pool) lora_apply_impl<float, c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
-        else lora_apply_impl<float, float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
+        if (bf16_pool) lora_apply_impl<float, c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, scale);
+        else lora_apply_impl<float, float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, scale);
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        if (bf16_pool) lora_apply_impl<c10::BFloat16, c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
-        else lora_apply_impl<c10::BFloat16, float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, row_scale, scale_lo);
+        if (bf16_pool) lora_apply_impl<c10::BFloat16, c10::BFloat16>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, scale);
+        else lora_apply_impl<c10::BFloat16, float>(x, out, starts, ends, a_rows, b_rows, num_slices, slice_offsets, scale);
       }));
 }
 

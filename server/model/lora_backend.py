@@ -156,14 +156,16 @@ class CpuLoraBackend:
 
     def apply(self, x, out, layer: int, group: str, batch: CpuLoraBatch) -> None:
         # x: [T, in], out: [T, out_total] updated in place
-        dora = ()
-        if batch.dora_rows is not None:
-            lo, hi, rows = batch.dora_rows
-            dora = [(lo, hi, self.pool.dora_scale[layer][group].index_select(0, rows))]
+        table = self.pool.dora_scale[layer][group]
         if batch.compiled is None:
             work = [(start, end, *views[layer][group]) for start, end, views in batch.work]
+            dora = ()
+            if batch.dora_rows is not None:
+                lo, hi, rows = batch.dora_rows
+                dora = [(lo, hi, table.index_select(0, rows))]
             cpu.apply_lora(x, out, work, dora)
-        else:
+        else:  # the op reads the scale rows in place
+            dora = None if batch.dora_rows is None else (*batch.dora_rows[:2], table, batch.dora_rows[2])
             cpu.apply_lora_compiled(self.ops, x, out, batch.compiled[layer][group], dora,
                                     LORA_GROUPS[group][1], self.slice_offsets[group])
 
