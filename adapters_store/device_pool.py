@@ -16,13 +16,14 @@ there.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from typing import Callable
 
 import torch
 
 from loramux.adapters_store.peft_format import LoraAdapter
-from loramux.server.config import LORA_GROUPS, LORA_MODULES, ModelConfig
+from loramux.server.config import LORA_GROUPS, LORA_MODULES, ModelConfig, group_slice_offsets
 
 class PageAllocator:
     """First-fit allocation of rank-row pages, contiguous runs preferred
@@ -66,6 +67,17 @@ def triton_lora_path(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("LORAMUX_TRITON") == "1"
 
 
+def pool_cpu_ops(model):
+    """The compiled CPU ops (kernels/cpu_ext.py) for the pool of a model on a
+    CPU, where they build; else None."""
+    if triton_lora_path(model.device) or model.device.type != "cpu":
+        return None
+    from loramux.kernels.cpu_ext import cpu_ops
+    from loramux.server.model.loader import cache_root
+
+    return cpu_ops(cache_root())
+
+
 def lora_pool_dtype(model) -> torch.dtype:
     """The model's dtype for the Triton kernels. The CPU path computes
     adapter deltas in float32 (kernels/cpu.py); its compiled op reads bf16
@@ -73,12 +85,8 @@ def lora_pool_dtype(model) -> torch.dtype:
     the bytes a decode step streams for its adapters), else float32."""
     if triton_lora_path(model.device):
         return model.dtype
-    if model.dtype == torch.bfloat16:
-        from loramux.kernels.cpu_ext import cpu_ops
-        from loramux.server.model.loader import cache_root
-
-        if cpu_ops(cache_root()) is not None:
-            return torch.bfloat16
+    if model.dtype == torch.bfloat16 and pool_cpu_ops(model) is not None:
+        return torch.bfloat16
     return torch.float32
 
 
@@ -137,7 +145,10 @@ class DeviceLoraPool:
 
     def __init__(self, cfg: ModelConfig, budget_bytes: int, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device="cpu",
-                 base_weights: Callable[[int, str], torch.Tensor] | None = None):
+                 base_weights: Callable[[int, str], torch.Tensor] | None = None, ops=None):
+        """ops: the compiled CPU ops (kernels/cpu_ext.py); a CPU pool given them
+        writes an adapter with one op per layer and group (pool_write_group),
+        else with torch's copies (the Triton layout always does)."""
         self.cfg = cfg
         self.max_rank = max_rank
         self.num_slots = num_slots
@@ -150,6 +161,11 @@ class DeviceLoraPool:
                 f"at least max_lora_rank={max_rank} are needed"
             )
         self.pages = PageAllocator(self.num_pages)
+        self.ops = ops if self.cpu_path else None
+        self._slice_offsets = {g: list(offs) for g, offs in group_slice_offsets(cfg).items()}
+        # the compiled write's stand-in for a module an adapter leaves out: A and B with no rows
+        self._no_rows = {shape: torch.empty(shape) for m in LORA_MODULES
+                         for out_f, in_f in [cfg.module_shape(m)] for shape in ((0, in_f), (out_f, 0))}
         P = self.num_pages
         self.a_pages: list[dict[str, torch.Tensor]] = []
         self.a: list[dict[str, torch.Tensor]] = []
@@ -232,15 +248,73 @@ class DeviceLoraPool:
         `stream`, waits for the copies before returning)."""
         pages = self._slot_pages[slot]
         r, p0 = len(pages), pages[0]
-        dev = self.page_table.device
-        contiguous = pages == list(range(p0, p0 + r))
-        idx = None if contiguous else torch.tensor(pages, dtype=torch.long, device=dev)
+        # the pages' index where they are not one run (an index_put then; a run is written in place)
+        idx = None if pages == list(range(p0, p0 + r)) else torch.tensor(pages, device=self.page_table.device)
+        # [layer][module] as lists, one tensor each at the end (an item assignment per module costs more)
+        ranks = [[0] * len(LORA_MODULES) for _ in range(self.cfg.num_layers)]
+        scales = [[0.0] * len(LORA_MODULES) for _ in range(self.cfg.num_layers)]
+        if adapter.use_dora and self.base_weights is None:
+            raise RuntimeError("a DoRA adapter needs the base weights: build the pool with "
+                               "base_weights=model.base_weight")
+        self.is_dora[slot] = False  # no step reads the slot while it is written
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for layer in range(self.cfg.num_layers):
+                for group, (lo, n) in LORA_GROUPS.items():
+                    # per slice: (its module's weights or None, its columns in the group's output)
+                    slices = []
+                    dora_row = self.dora_scale[layer][group][slot]
+                    dora_row.fill_(1.0)
+                    for s, (col, end) in enumerate(itertools.pairwise(self._slice_offsets[group])):
+                        w = adapter.modules.get((layer, LORA_MODULES[lo + s]))
+                        w = w if w is not None and w.rank else None
+                        slices.append((w, slice(col, end)))
+                        if w is not None:
+                            ranks[layer][lo + s] = w.rank
+                            scales[layer][lo + s] = w.scale
+                            if w.magnitude is not None:
+                                dora_row[col:end] = w.dora_scale(self.base_weights(layer, group)[col:end])
+                    if self.ops is not None:
+                        self._write_compiled(layer, group, pages, slices)
+                    else:
+                        self._write_torch(layer, group, pages, idx, slices)
+            row = torch.zeros(self.max_rank, dtype=torch.int32)
+            row[:r] = torch.tensor(pages, dtype=torch.int32)
+            self.page_table[slot].copy_(row, non_blocking=stream is not None)
+            self.ranks[:, :, slot].copy_(torch.tensor(ranks, dtype=torch.int32))
+            self.scales[:, :, slot].copy_(torch.tensor(scales, dtype=torch.float32))
+        if stream is not None:
+            stream.synchronize()
+        if self.cpu_path:
+            self.cpu_views[slot] = self._cpu_views(pages)
+        self.is_dora[slot] = adapter.use_dora
+
+    def _write_compiled(self, layer: int, group: str, pages: list[int], slices) -> None:
+        """One layer and group of `write` through the compiled op (a CPU pool)."""
+        a_src, b_src, scale_of = [], [], []
+        in_f = self.a_pages[layer][group].shape[2]
+        for w, cols in slices:
+            if w is None:  # a module the adapter leaves out: A and B with no rows
+                a_src.append(self._no_rows[0, in_f])
+                b_src.append(self._no_rows[cols.stop - cols.start, 0])
+                scale_of.append(0.0)
+            else:
+                a_src.append(w.a)
+                b_src.append(w.b)
+                scale_of.append(w.scale)
+        self.ops.pool_write_group(self.a_pages[layer][group], self.b_block[layer][group], pages, a_src, b_src,
+                                  scale_of, self._slice_offsets[group])
+
+    def _write_torch(self, layer: int, group: str, pages: list[int], idx, slices) -> None:
+        """One layer and group of `write` in torch's copies (the Triton layout, or no compiled ops)."""
+        r, p0 = len(pages), pages[0]
 
         def put(t: torch.Tensor, lo: int, hi: int, rest: tuple, value, scale: float = 1.0) -> None:
             # t[pages[lo:hi]][rest] = value * scale: written in place when the pages are a run
             # (one op, no temporary), else an index_put
-            if not contiguous:
-                t[(idx[lo:hi],) + rest] = value * scale if scale != 1.0 else value
+            if idx is not None:
+                t[(idx[lo:hi],) + rest] = (value * scale if scale != 1.0 else value).to(t.dtype) \
+                    if isinstance(value, torch.Tensor) else value
                 return
             view = t[(slice(p0 + lo, p0 + hi),) + rest]
             if not isinstance(value, torch.Tensor):
@@ -250,53 +324,22 @@ class DeviceLoraPool:
             else:
                 view.copy_(value)
 
-        ranks = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.int32)
-        scales = torch.zeros(self.cfg.num_layers, len(LORA_MODULES), dtype=torch.float32)
-        if adapter.use_dora and self.base_weights is None:
-            raise RuntimeError("a DoRA adapter needs the base weights: build the pool with "
-                               "base_weights=model.base_weight")
-        self.is_dora[slot] = False  # no step reads the slot while it is written
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            for layer in range(self.cfg.num_layers):
-                for group, (lo, n) in LORA_GROUPS.items():
-                    a_pages, b_pool = self.a_pages[layer][group], self.b[layer].get(group)
-                    b_block = self.b_block[layer].get(group)
-                    dora_row = self.dora_scale[layer][group][slot]
-                    dora_row.fill_(1.0)
-                    col = 0
-                    for s, m in enumerate(LORA_MODULES[lo : lo + n]):
-                        out_f = self.cfg.module_shape(m)[0]
-                        cols = slice(col, col + out_f)
-                        w = adapter.modules.get((layer, m))
-                        k = 0 if w is None else w.rank
-                        if k:
-                            put(a_pages, 0, k, (s,), w.a)
-                            if b_pool is not None:
-                                put(b_pool, 0, k, (cols,), w.b.T)
-                            else:
-                                put(b_block, 0, k, (s, cols), w.b.T, w.scale)
-                            ranks[layer, lo + s] = k
-                            scales[layer, lo + s] = w.scale
-                            if w.magnitude is not None:
-                                dora_row[cols] = w.dora_scale(self.base_weights(layer, group)[cols])
-                        if k < r:  # rows past this module's rank: zero
-                            put(a_pages, k, r, (s,), 0.0)
-                            if b_pool is not None:
-                                put(b_pool, k, r, (cols,), 0.0)
-                            else:
-                                put(b_block, k, r, (s, cols), 0.0)
-                        col += out_f
-            row = torch.zeros(self.max_rank, dtype=torch.int32)
-            row[:r] = torch.tensor(pages, dtype=torch.int32)
-            self.page_table[slot].copy_(row, non_blocking=stream is not None)
-            self.ranks[:, :, slot].copy_(ranks)
-            self.scales[:, :, slot].copy_(scales)
-        if stream is not None:
-            stream.synchronize()
-        if self.cpu_path:
-            self.cpu_views[slot] = self._cpu_views(pages)
-        self.is_dora[slot] = adapter.use_dora
+        a_pages, b_pool = self.a_pages[layer][group], self.b[layer].get(group)
+        b_block = self.b_block[layer].get(group)
+        for s, (w, cols) in enumerate(slices):
+            k = 0 if w is None else w.rank
+            if k:
+                put(a_pages, 0, k, (s,), w.a)
+                if b_pool is not None:
+                    put(b_pool, 0, k, (cols,), w.b.T)
+                else:
+                    put(b_block, 0, k, (s, cols), w.b.T, w.scale)
+            if k < r:  # rows past this module's rank: zero
+                put(a_pages, k, r, (s,), 0.0)
+                if b_pool is not None:
+                    put(b_pool, k, r, (cols,), 0.0)
+                else:
+                    put(b_block, k, r, (s, cols), 0.0)
 
     def _cpu_views(self, pages: list[int]):
         r = len(pages)

@@ -22,7 +22,7 @@ import logging
 import threading
 import types
 
-from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
+from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype, pool_cpu_ops
 from loramux.adapters_store.host_cache import HostCache
 from loramux.adapters_store.peft_format import WEIGHTS_NAME, LoraAdapter
 from loramux.adapters_store.residency import Residency, TierUsage
@@ -82,7 +82,8 @@ class AdapterPool:
         if host_bytes is None:
             host_bytes = 0 if cpu else 4 * 2**30
         device = DeviceLoraPool(model.cfg, config.adapter_pool_bytes, config.max_adapter_slots, config.max_lora_rank,
-                                lora_pool_dtype(model), model.device, base_weights=model.base_weight)
+                                lora_pool_dtype(model), model.device, base_weights=model.base_weight,
+                                ops=pool_cpu_ops(model))
         return cls(device, host_bytes, prefetch=config.adapter_prefetch, mix_bytes=config.mix_pool_bytes)
 
     # -- registry -----------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 
 from loramux.bench.popularity import choose
 from loramux.bench.synthetic import random_adapter
-from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype
+from loramux.adapters_store.device_pool import DeviceLoraPool, lora_pool_dtype, pool_cpu_ops
 from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.sources import AdapterSource
 from loramux.server.config import EngineConfig
@@ -135,7 +135,8 @@ def main(argv=None):
               f"disk reads {usage['disk'].loads}")
 
         # disk -> device latency, rank 16, one at a time (no prefetch): read, parse, copy into pages
-        pool = AdapterPool(DeviceLoraPool(cfg, device_bytes, 64, MAX_RANK, lora_pool_dtype(model)), prefetch=False)
+        pool = AdapterPool(DeviceLoraPool(cfg, device_bytes, 64, MAX_RANK, lora_pool_dtype(model), ops=pool_cpu_ops(model)),
+                           prefetch=False)  # the pool a served model gets: AdapterPool.for_model
         rank16 = [digests[i] for i in range(1, n, 3)][:40]  # ranks cycle 8, 16, 32
         for d in rank16:
             pool.add(engine.adapters.source(d))

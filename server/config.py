@@ -6,6 +6,7 @@ holds the serving knobs. Components copy what they need from them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 # The seven LoRA-able linears, in the order the adapter pool indexes them.
 LORA_MODULES: tuple[str, ...] = (
@@ -26,6 +27,14 @@ LORA_GROUPS: dict[str, tuple[int, int]] = {
     "down": (6, 1),
 }
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def group_slice_offsets(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
+    """Column boundaries of each slice inside a group's fused output (q|k|v: 0, q, q+k, q+k+v)."""
+    return {
+        group: tuple(accumulate((cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]), initial=0))
+        for group, (lo, n) in LORA_GROUPS.items()
+    }
 
 
 @dataclass(frozen=True)

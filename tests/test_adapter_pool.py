@@ -122,6 +122,70 @@ def test_pages_reused_across_ranks_4_to_64_without_fragmentation():
         assert_holds(pool, pool.make_resident([d])[d], by_digest[d])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_compiled_write_equals_the_torch_write(dtype):
+    """A CPU pool given the compiled ops writes adapters with one op per layer and group: what lands in
+    the pages is what torch's copies put there, bit for bit (mixed ranks, modules left out, DoRA,
+    pages scattered by churn, a slot reused by a smaller adapter)."""
+    from loramux.bench.lora_overhead import dora_copy
+    from loramux.kernels.cpu_ext import cpu_ops
+    from loramux.server.model.loader import cache_root
+
+    ops = cpu_ops(cache_root())
+    assert ops is not None, "the compiled CPU ops must build here"
+    g = torch.Generator().manual_seed(0)
+    base = {(layer, group): torch.randn(sum(CFG.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]),
+                                        CFG.module_shape(LORA_MODULES[lo])[1], generator=g)
+            for layer in range(CFG.num_layers) for group, (lo, n) in LORA_GROUPS.items()}
+    probe = DeviceLoraPool(CFG, 10**9, 1, 32, dtype)
+    pools = [DeviceLoraPool(CFG, 80 * probe.page_bytes, 8, 32, dtype, base_weights=lambda l, gr: base[l, gr],
+                            ops=which) for which in (None, ops)]
+    assert pools[0].ops is None and pools[1].ops is ops
+    rng = random.Random(1)
+    ads = [synth(CFG, f"m{i}", rng.choice([1, 4, 8, 16, 32]), i,
+                 modules=rng.sample(LORA_MODULES, rng.randint(1, len(LORA_MODULES)))) for i in range(12)]
+    ads += [dora_copy(synth(CFG, "d", 8, 99), "d", seed=5)]
+    held: list[int] = []
+    for step in range(40):
+        a = ads[step % len(ads)]
+        while not all(p.fits(a.rank) for p in pools) or len(held) > 4:
+            slot = held.pop(rng.randrange(len(held)))
+            for p in pools:
+                p.unload(slot)
+        slots = {p.load(a) for p in pools}
+        assert len(slots) == 1
+        held.append(slots.pop())
+    torch_pool, compiled_pool = pools
+    runs = [torch_pool.pages_of(s) for s in held]
+    assert any(p != list(range(p[0], p[0] + len(p))) for p in runs), "no slot's pages were scattered"
+    for layer in range(CFG.num_layers):
+        for group in LORA_GROUPS:
+            for name in ("a_pages", "b_block", "dora_scale"):
+                assert torch.equal(getattr(torch_pool, name)[layer][group], getattr(compiled_pool, name)[layer][group])
+    for name in ("page_table", "ranks", "scales"):
+        assert torch.equal(getattr(torch_pool, name), getattr(compiled_pool, name))
+
+
+def test_a_bf16_triton_pool_takes_float32_adapters_on_scattered_pages(monkeypatch):
+    """The Triton layout (a CUDA pool in the model's dtype) writes scattered pages with an index_put,
+    which once refused float32 weights into bf16 pages."""
+    monkeypatch.setenv("LORAMUX_TRITON", "1")
+    probe = DeviceLoraPool(CFG, 10**9, 1, 16, torch.bfloat16)
+    pool = DeviceLoraPool(CFG, 24 * probe.page_bytes, 4, 16, torch.bfloat16)
+    assert not pool.cpu_path
+    first = pool.load(synth(CFG, "a", 8, 0))
+    pool.load(synth(CFG, "b", 8, 1))
+    pool.unload(first)
+    pool.load(synth(CFG, "c", 4, 2))  # takes 4 of the first's pages
+    a = synth(CFG, "d", 12, 3)
+    slot = pool.load(a)  # 4 pages left in the first's run, 8 after the second's
+    pages = pool.pages_of(slot)
+    assert pages != list(range(pages[0], pages[0] + len(pages)))
+    w = a.modules[(0, "q_proj")]
+    torch.testing.assert_close(pool.a_pages[0]["qkv"][pages, 0], w.a.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(pool.b[0]["qkv"][pages, : w.b.shape[0]], w.b.T.bfloat16(), rtol=0, atol=0)
+
+
 def test_host_tier_budget_lru_and_disk_reads():
     ads = [synth(CFG, f"h{i}", 8, i) for i in range(4)]
     pool = AdapterPool(device(8, slots=1), host_bytes=2 * ads[0].nbytes, prefetch=False)

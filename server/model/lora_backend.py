@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -34,7 +33,7 @@ import torch
 from loramux.adapters_store.device_pool import DeviceLoraPool, triton_lora_path
 from loramux.kernels import NO_ADAPTER, Segments, cpu
 from loramux.kernels.cpu_ext import cpu_ops, cpu_ops_error
-from loramux.server.config import LORA_GROUPS, LORA_MODULES
+from loramux.server.config import LORA_GROUPS, group_slice_offsets
 from loramux.server.model.loader import cache_root
 
 log = logging.getLogger("loramux.model")
@@ -74,14 +73,6 @@ def select_lora_backend(pool: DeviceLoraPool, device: torch.device | str) -> Lor
     if ops is None:
         log.warning("LoRA deltas: torch path (%s)", cpu_ops_error())
     return CpuLoraBackend(pool, ops)
-
-
-def group_slice_offsets(cfg) -> dict[str, tuple[int, ...]]:
-    """Column boundaries of each slice inside a group's fused output (q|k|v: 0, q, q+k, q+k+v)."""
-    return {
-        group: tuple(accumulate((cfg.module_shape(m)[0] for m in LORA_MODULES[lo : lo + n]), initial=0))
-        for group, (lo, n) in LORA_GROUPS.items()
-    }
 
 
 # (A^T [in, r*n], B_block [r*n, out_total]) of one slot, per layer and group: DeviceLoraPool.cpu_views[slot]
