@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from pathlib import Path
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -43,7 +44,33 @@ def served_name(args: argparse.Namespace) -> str:
 def assemble_state(args: argparse.Namespace, fine_tuning: bool = True):
     """The ServerState of these options, with every stored adapter registered;
     (FileNotFoundError, ValueError) for a model or option that cannot be served.
-    fine_tuning: whether this server runs fine-tuning jobs (its data folder's fine_tuning/)."""
+    fine_tuning: whether this server runs fine-tuning jobs (its data folder's fine_tuning/).
+
+    Built in a thread that ends before serving starts. Loading runs torch's
+    parallel ops, and OpenMP keeps a team of worker threads for every thread
+    that ever ran one: a second team beside the engine thread's leaves more
+    OpenMP threads than CPUs, and libgomp then lets its workers spin only
+    briefly and sleep, so each of a decode step's hundreds of parallel
+    regions waits for a wake-up. That halved one stream's speed (35 vs 66
+    tok/s, default model); a team dies with its thread."""
+    result: list = []
+
+    def build() -> None:
+        try:
+            result.append((_assemble_state(args, fine_tuning), None))
+        except BaseException as exc:  # handed to the caller's thread
+            result.append((None, exc))
+
+    builder = threading.Thread(target=build, name="loramux-assemble")
+    builder.start()
+    builder.join()
+    state, error = result[0]
+    if error is not None:
+        raise error
+    return state
+
+
+def _assemble_state(args: argparse.Namespace, fine_tuning: bool):
     from loramux.adapters_store.file_store import FileStore
     from loramux.adapters_store.store import AdapterStore
     from loramux.server.api.adapter_service import restore_stored

@@ -674,11 +674,16 @@ void pool_write_group(at::Tensor& a_pages, at::Tensor& b_block, std::vector<int6
 
 }  // namespace
 
+// Every op runs without the GIL (its arguments are converted before, its result after): the
+// server's event loop answers requests while the engine thread is inside an op, instead of
+// waiting for Python's switch interval (5 ms) on every token of every stream.
+using nogil = py::call_guard<py::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
-  m.def("lora_apply", &lora_apply, "every short segment's LoRA delta of one layer and group");
-  m.def("small_linear", &small_linear, "x @ w^T (+ bias) for 1 to 4 rows of x, streaming w once");
-  m.def("rms_norm", &rms_norm, "HF Llama's RMSNorm of each row of x");
-  m.def("rope_", &rope_, "HF Llama's rotary embedding of x [T, heads, D], in place");
-  m.def("pool_write_group", &pool_write_group, "one adapter's rows of one layer and group into a CPU pool's pages");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache", nogil());
+  m.def("lora_apply", &lora_apply, "every short segment's LoRA delta of one layer and group", nogil());
+  m.def("small_linear", &small_linear, "x @ w^T (+ bias) for 1 to 4 rows of x, streaming w once", nogil());
+  m.def("rms_norm", &rms_norm, "HF Llama's RMSNorm of each row of x", nogil());
+  m.def("rope_", &rope_, "HF Llama's rotary embedding of x [T, heads, D], in place", nogil());
+  m.def("pool_write_group", &pool_write_group, "one adapter's rows of one layer and group into a CPU pool's pages", nogil());
 }
