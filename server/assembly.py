@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 from pathlib import Path
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -46,28 +45,12 @@ def assemble_state(args: argparse.Namespace, fine_tuning: bool = True):
     (FileNotFoundError, ValueError) for a model or option that cannot be served.
     fine_tuning: whether this server runs fine-tuning jobs (its data folder's fine_tuning/).
 
-    Built in a thread that ends before serving starts. Loading runs torch's
-    parallel ops, and OpenMP keeps a team of worker threads for every thread
-    that ever ran one: a second team beside the engine thread's leaves more
-    OpenMP threads than CPUs, and libgomp then lets its workers spin only
-    briefly and sleep, so each of a decode step's hundreds of parallel
-    regions waits for a wake-up. That halved one stream's speed (35 vs 66
-    tok/s, default model); a team dies with its thread."""
-    result: list = []
+    Built in a thread that ends before serving starts: loading runs torch's
+    parallel ops, and a thread that did keeps an OpenMP team beside the
+    engine thread's (server/compute_threads.py says what that costs)."""
+    from loramux.server.compute_threads import run_in_passing_thread
 
-    def build() -> None:
-        try:
-            result.append((_assemble_state(args, fine_tuning), None))
-        except BaseException as exc:  # handed to the caller's thread
-            result.append((None, exc))
-
-    builder = threading.Thread(target=build, name="loramux-assemble")
-    builder.start()
-    builder.join()
-    state, error = result[0]
-    if error is not None:
-        raise error
-    return state
+    return run_in_passing_thread(lambda: _assemble_state(args, fine_tuning), "loramux-assemble")
 
 
 def _assemble_state(args: argparse.Namespace, fine_tuning: bool):

@@ -20,6 +20,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -672,6 +673,14 @@ void pool_write_group(at::Tensor& a_pages, at::Tensor& b_block, std::vector<int6
   else pool_write_impl<c10::BFloat16>(a_pages, b_block, pages, a, b, scales, slice_offsets);
 }
 
+// The calling thread's OpenMP team size from now on (torch's own setter is process-wide: new
+// threads start from it). A server's helper threads take 1, so that only the engine thread
+// keeps a team of workers (server/compute_threads.py says why).
+void set_thread_parallelism(int64_t n) {
+  TORCH_CHECK(n >= 1, "at least one thread");
+  omp_set_num_threads(static_cast<int>(n));
+}
+
 }  // namespace
 
 // Every op runs without the GIL (its arguments are converted before, its result after): the
@@ -686,4 +695,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "HF Llama's RMSNorm of each row of x", nogil());
   m.def("rope_", &rope_, "HF Llama's rotary embedding of x [T, heads, D], in place", nogil());
   m.def("pool_write_group", &pool_write_group, "one adapter's rows of one layer and group into a CPU pool's pages", nogil());
+  m.def("set_thread_parallelism", &set_thread_parallelism, "the calling thread's OpenMP team size");
 }

@@ -21,6 +21,7 @@ I/O run in threads, so /health answers whatever clients send.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from loramux.server.api.routes_openai import openai_router
 from loramux.server.api.routes_ops import ops_router
 from loramux.server.api.routes_tokenizer import tokenizer_router
 from loramux.server.api.state import ServerState
+from loramux.server.compute_threads import helper_executor
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -52,6 +54,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # blocking work (asyncio.to_thread: adapter validation, merges) runs torch on one thread
+        # per helper, so that no thread but the engine's keeps an OpenMP team
+        asyncio.get_running_loop().set_default_executor(helper_executor())
         # fine-tuning's runners live on the server's event loop, from startup to shutdown
         if fine_tuning is not None:
             await fine_tuning.start()
