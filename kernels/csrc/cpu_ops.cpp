@@ -1,7 +1,7 @@
 // The compiled CPU ops (kernels/cpu_ext.py builds and loads this file).
 //
-// Three ops where torch's own CPU kernels, or the dispatch of many small
-// torch calls, left most of the machine unused in a decode step:
+// Ops where torch's own CPU kernels, or the dispatch of many small torch
+// calls, left most of the machine unused in a decode step or an adapter load:
 //
 //   paged_decode_attention  one query token per sequence, keys and values
 //                           read in place from the paged cache through the
@@ -12,6 +12,10 @@
 //                           few decoding alone): a pass over W that streams
 //                           it at memory speed, where torch's GEMM at M=1
 //                           reaches about a third of that
+//   rms_norm, rope_         HF Llama's RMSNorm and rotary embedding, one
+//                           pass each, rounding where torch's ops round
+//   pool_write_group        an adapter's rows into a CPU pool's pages
+//   set_thread_parallelism  the calling thread's OpenMP team size
 //
 // All compute in float32 whatever the storage dtype (bf16 or float32) and
 // round once into the output. Loops are written so that -O3 vectorizes them
