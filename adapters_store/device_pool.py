@@ -162,7 +162,8 @@ class DeviceLoraPool:
             )
         self.pages = PageAllocator(self.num_pages)
         self.ops = ops if self.cpu_path else None
-        self._slice_offsets = {g: list(offs) for g, offs in group_slice_offsets(cfg).items()}
+        # each group's slice boundaries in its fused output (what the compiled ops take)
+        self.slice_offsets = {g: list(offs) for g, offs in group_slice_offsets(cfg).items()}
         # the compiled write's stand-in for a module an adapter leaves out: A and B with no rows
         self._no_rows = {shape: torch.empty(shape) for m in LORA_MODULES
                          for out_f, in_f in [cfg.module_shape(m)] for shape in ((0, in_f), (out_f, 0))}
@@ -265,7 +266,7 @@ class DeviceLoraPool:
                     slices = []
                     dora_row = self.dora_scale[layer][group][slot]
                     dora_row.fill_(1.0)
-                    for s, (col, end) in enumerate(itertools.pairwise(self._slice_offsets[group])):
+                    for s, (col, end) in enumerate(itertools.pairwise(self.slice_offsets[group])):
                         w = adapter.modules.get((layer, LORA_MODULES[lo + s]))
                         w = w if w is not None and w.rank else None
                         slices.append((w, slice(col, end)))
@@ -303,7 +304,7 @@ class DeviceLoraPool:
                 b_src.append(w.b)
                 scale_of.append(w.scale)
         self.ops.pool_write_group(self.a_pages[layer][group], self.b_block[layer][group], pages, a_src, b_src,
-                                  scale_of, self._slice_offsets[group])
+                                  scale_of, self.slice_offsets[group])
 
     def _write_torch(self, layer: int, group: str, pages: list[int], idx, slices) -> None:
         """One layer and group of `write` in torch's copies (the Triton layout, or no compiled ops)."""

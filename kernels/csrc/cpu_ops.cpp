@@ -56,7 +56,7 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
 // GCC/Clang vector types, so that a weight row is converted and multiplied
 // 16 lanes at a time on any target (AVX-512, AVX2 as two halves, or scalar
 // code) with no intrinsics to choose between; a loop over a runtime number
-// of rows with plain arrays (dot_many below) is not vectorized as well.
+// of rows with plain arrays is not vectorized as well.
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalfword __attribute__((vector_size(LANES * 2)));
@@ -621,7 +621,6 @@ void pool_write_impl(at::Tensor& a_pages, at::Tensor& b_block, const std::vector
   const int64_t r = static_cast<int64_t>(pages.size());
   W* ap = a_pages.data_ptr<W>();
   W* bp = b_block.data_ptr<W>();
-  std::vector<float> row;
   for (int64_t s = 0; s < n; ++s) {
     const int64_t k = a[s].size(0), lo = slice_offsets[s], width = slice_offsets[s + 1] - lo;
     const float scale = static_cast<float>(scales[s]);

@@ -143,7 +143,8 @@ class LlamaModel:
         k_cache, v_cache = kv_cache.layer(layer_idx)  # [slots, KV, D] each
         k_cache.index_copy_(0, attn.slot_mapping, k)
         v_cache.index_copy_(0, attn.slot_mapping, v)
-        if not attn.prefills and attn.decode is not None:  # every token decodes (runner.prepare keeps them in order): no gather, no scatter
+        # every token decodes (runner.prepare keeps them in order): no gather, no scatter
+        if not attn.prefills and attn.decode is not None:
             return self._decode_attention(q, k_cache, v_cache, attn.decode).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
         for p in attn.prefills:
@@ -223,7 +224,6 @@ class LlamaModel:
         if batch.lora is not None and lora is None:
             raise ValueError("a batch with adapter tokens needs the LoRA backend that prepared it")
         cfg = self.cfg
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self._rope_tables(batch.positions)
         norm, rope = self.layer_ops.rms_norm, self.layer_ops.rope
@@ -232,9 +232,9 @@ class LlamaModel:
             h = norm(x, layer["input_norm"], cfg.rms_norm_eps)
             qkv = self._linear(h, i, "qkv", lora, batch.lora, layer["qkv_bias"])
             # q and k heads side by side in qkv: one rotation for both
-            qk = rope(qkv[:, : q_size + kv_size].unflatten(1, (H + KV, D)), cos, sin)
+            qk = rope(qkv[:, : (H + KV) * D].unflatten(1, (H + KV, D)), cos, sin)
             q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, q_size + kv_size :].unflatten(1, (KV, D))
+            v = qkv[:, (H + KV) * D :].unflatten(1, (KV, D))
             a = self._attention(q, k, v, i, kv_cache, batch.attn)
             x = x + self._linear(a, i, "o", lora, batch.lora)
             h = norm(x, layer["post_norm"], cfg.rms_norm_eps)

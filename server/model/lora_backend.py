@@ -105,7 +105,6 @@ class CpuLoraBackend:
             raise ValueError(f"the torch LoRA path needs a pool in CPU memory, not on {pool.page_table.device}")
         self.pool = pool
         self.ops = ops
-        self.slice_offsets = {g: list(offs) for g, offs in group_slice_offsets(pool.cfg).items()}
         # CompiledWork of recent batch compositions: a decode batch keeps its composition for many
         # steps, and rebuilding 4 x layers argument lists per step costs about a millisecond
         self._compiled: OrderedDict[tuple, tuple] = OrderedDict()
@@ -147,18 +146,16 @@ class CpuLoraBackend:
 
     def apply(self, x, out, layer: int, group: str, batch: CpuLoraBatch) -> None:
         # x: [T, in], out: [T, out_total] updated in place
-        table = self.pool.dora_scale[layer][group]
+        dora = None
+        if batch.dora_rows is not None:
+            lo, hi, rows = batch.dora_rows
+            dora = (lo, hi, self.pool.dora_scale[layer][group], rows)
         if batch.compiled is None:
             work = [(start, end, *views[layer][group]) for start, end, views in batch.work]
-            dora = ()
-            if batch.dora_rows is not None:
-                lo, hi, rows = batch.dora_rows
-                dora = [(lo, hi, table.index_select(0, rows))]
-            cpu.apply_lora(x, out, work, dora)
+            cpu.apply_lora(x, out, work, () if dora is None else [(lo, hi, dora[2].index_select(0, rows))])
         else:  # the op reads the scale rows in place
-            dora = None if batch.dora_rows is None else (*batch.dora_rows[:2], table, batch.dora_rows[2])
             cpu.apply_lora_compiled(self.ops, x, out, batch.compiled[layer][group], dora,
-                                    LORA_GROUPS[group][1], self.slice_offsets[group])
+                                    LORA_GROUPS[group][1], self.pool.slice_offsets[group])
 
 
 @dataclass(frozen=True)
