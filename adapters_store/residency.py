@@ -21,6 +21,7 @@ from loramux.adapters_store.device_pool import DeviceLoraPool
 from loramux.adapters_store.host_cache import HostCache, pinned_copy
 from loramux.adapters_store.peft_format import LoraAdapter
 from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
+from loramux.kernels.cpu_ext import one_torch_thread
 
 log = logging.getLogger("loramux.adapter_pool")
 
@@ -295,6 +296,8 @@ class Residency:
         return None
 
     def _work(self) -> None:
+        if self.device.cpu_path:  # a load's parallel ops (DoRA norms) must not start a second OpenMP team
+            one_torch_thread()
         while True:
             with self._lock:
                 job = None if self._closed else self._next_job()

@@ -69,6 +69,19 @@ def _load(cache: Path):
         return None
 
 
+def one_torch_thread() -> None:
+    """The calling thread runs torch's ops on itself alone from now on, with no
+    OpenMP team of its own (server/compute_threads.py says why a server's
+    helper threads must not keep one). Needs the compiled ops; without them
+    the thread is left as it is."""
+    from loramux.server.model.loader import cache_root
+
+    torch.get_num_threads()  # torch sets a thread's team size on its first op: let it, then override
+    ops = cpu_ops(cache_root())
+    if ops is not None:
+        ops.set_thread_parallelism(1)
+
+
 def cpu_ops_error() -> str | None:
     """Why cpu_ops() is None (after it was called), else None."""
     return _errors[-1] if _errors else None

@@ -13,6 +13,8 @@ helper thread), 66 without.
     helper_executor()           the event loop's executor for blocking work
                                 (asyncio.to_thread): its threads run torch on
                                 one thread, so they never start a team
+
+(The adapter pool's prefetch worker does the same: kernels/cpu_ext.one_torch_thread.)
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-import torch
+from loramux.kernels.cpu_ext import one_torch_thread
 
 T = TypeVar("T")
 
@@ -43,19 +45,6 @@ def run_in_passing_thread(fn: Callable[[], T], name: str = "loramux-passing") ->
     if error is not None:
         raise error
     return result
-
-
-def one_torch_thread() -> None:
-    """The calling thread runs torch's ops on itself alone from now on (no
-    OpenMP team). Needs the compiled CPU ops (kernels/cpu_ext.py); without
-    them the thread is left as it is."""
-    from loramux.kernels.cpu_ext import cpu_ops
-    from loramux.server.model.loader import cache_root
-
-    torch.get_num_threads()  # torch sets a thread's team size on its first op: let it, then override
-    ops = cpu_ops(cache_root())
-    if ops is not None:
-        ops.set_thread_parallelism(1)
 
 
 def helper_executor() -> ThreadPoolExecutor:

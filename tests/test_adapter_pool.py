@@ -7,6 +7,7 @@ of about 8 on a tiny random Llama and compares with everything resident.
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -639,3 +640,22 @@ def test_abort_and_finish_release_their_adapters(many, tmp_path):
     assert adapters[k].digest not in pool and adapters[k].digest not in pool.tier_usage()["disk"].adapters
     pool.wait_idle()
     pool.check_consistent()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 or more torch threads to tell")
+def test_the_prefetch_worker_runs_torch_on_one_thread():
+    """The worker's loads (DoRA norms, conversions) must not start a second OpenMP team beside the
+    engine thread's (server/compute_threads.py)."""
+    seen = []
+    a = synth(CFG, "t", 8, 0)
+
+    def load():
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return a
+
+    pool = AdapterPool(device(32), prefetch=True)
+    pool.add(AdapterSource(a.name, a.digest, a.rank, a.nbytes, load))
+    pool.prefetch([a.digest])
+    assert pool.wait_idle()
+    assert seen == [("loramux-prefetch", 1)] and torch.get_num_threads() >= 2
+    pool.close()
