@@ -69,7 +69,7 @@ class ServerState:
 
     def engine_stall(self) -> str | None:
         """Why the engine counts as stalled (its loop silent beyond health_timeout_s), or None."""
-        silent = time.monotonic() - self.engine.last_progress
+        silent = self.engine.silent_s()
         if silent > self.settings.health_timeout_s:
             return f"the engine loop has made no progress for {silent:.0f} s"
         return None

@@ -49,6 +49,7 @@ class AsyncEngine:
         self._wake = threading.Condition()
         self._stop = False
         self.last_progress = time.monotonic()
+        self._idle = False
         self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
         self._thread.start()
 
@@ -84,6 +85,11 @@ class AsyncEngine:
             pending = sum(isinstance(op, _Add) for op in self._pending)
         return self.engine.scheduler.num_waiting + pending
 
+    def silent_s(self) -> float:
+        """Seconds the loop has been busy without finishing a step or an operation (0 while it
+        waits for work): what /health calls a stall past its timeout."""
+        return 0.0 if self._idle else time.monotonic() - self.last_progress
+
     def _submit(self, op: _Add | _Abort | _Call) -> None:
         with self._wake:
             self._pending.append(op)
@@ -108,8 +114,10 @@ class AsyncEngine:
         while True:
             with self._wake:
                 while not self._stop and not self._pending and not self.engine.has_unfinished():
-                    self.last_progress = time.monotonic()
+                    self._idle = True  # waiting for work is not a stall, however long the wait
                     self._wake.wait(timeout=1.0)
+                self._idle = False
+                self.last_progress = time.monotonic()
                 if self._stop:
                     return
                 ops, self._pending = self._pending, []
