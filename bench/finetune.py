@@ -10,7 +10,7 @@
 Both default to SmolLM2-135M-Instruct (the default model), float32 for training as the trainer does,
 batch size 4, rank 16 on all seven projections (the recipe). --smoke runs a tiny random Llama instead.
 
-    python -m loramux.bench.finetune [--threads 1] [--repeats 3] [--out bench/results/finetune.json]
+    python -P -m loramux.bench.finetune [--threads 1] [--repeats 3] [--out bench/results/finetune.json]
 """
 from __future__ import annotations
 

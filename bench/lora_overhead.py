@@ -4,7 +4,7 @@ adapters, and a prefill of 8 x 128 tokens likewise; float32 and bfloat16.
 The DoRA row: the same decode step over 8 DoRA adapters (the same A and B
 plus magnitude vectors) against the plain LoRA one (target <= 1.05).
 
-    .venv/bin/python -m loramux.bench.lora_overhead [--dtype bfloat16 float32] [--repeats 7] [--decode-only]
+    .venv/bin/python -P -m loramux.bench.lora_overhead [--dtype bfloat16 float32] [--repeats 7] [--decode-only]
 
 --shape llama3-8b --device cuda: the same rows on a Llama-3-8B-shaped model
 (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab

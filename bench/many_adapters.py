@@ -9,8 +9,8 @@ popularity; output tokens/s is reported relative to the same workload over
 disk -> device load latency for rank 16 (p50/p99), and the resident set
 size with N adapters registered against the configured budgets.
 
-    .venv/bin/python -m loramux.bench.many_adapters --quick     # 100 adapters, ~2 min
-    .venv/bin/python -m loramux.bench.many_adapters             # 1000 adapters (~20 GB on disk)
+    .venv/bin/python -P -m loramux.bench.many_adapters --quick     # 100 adapters, ~2 min
+    .venv/bin/python -P -m loramux.bench.many_adapters             # 1000 adapters (~20 GB on disk)
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Every request is a greedy streamed completion of fixed length (ignore_eos),
 closed loop with C concurrent clients, its adapter drawn by popularity. The
 model is a tiny random Llama with SmolLM2's tokenizer unless --model names one.
 
-    python -m loramux.bench.scaleout --requests 256 --concurrency 8 --out bench/results/scaleout.json
+    python -P -m loramux.bench.scaleout --requests 256 --concurrency 8 --out bench/results/scaleout.json
 """
 from __future__ import annotations
 

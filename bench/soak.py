@@ -26,7 +26,7 @@ for the server to go idle and reads /metrics: KV cache usage and
 Bounded: every loop checks the deadline, every HTTP call has a timeout, and
 only a server on this machine (127.0.0.1 / localhost) is accepted.
 
-    python -m loramux.bench.soak --url http://127.0.0.1:8000 --api-key KEY --model tiny \\
+    python -P -m loramux.bench.soak --url http://127.0.0.1:8000 --api-key KEY --model tiny \\
         --adapter-dir path/to/peft_adapters --seconds 60 --concurrency 4 --json soak.json
 
 Exit status 0 iff the report is ok. `run_soak(...)` returns the same report in-process.

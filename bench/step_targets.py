@@ -15,7 +15,7 @@ norms and rotary, and the LoRA backend's op for their torch paths
 (server/model/attention.py, base_linear.py, layer_ops.py, kernels/cpu.py)
 on the same model, pool and cache, so only the ops differ.
 
-    .venv/bin/python -m loramux.bench.step_targets [--dtype bfloat16 float32] [--repeats 7] [--no-prefill]
+    .venv/bin/python -P -m loramux.bench.step_targets [--dtype bfloat16 float32] [--repeats 7] [--no-prefill]
 """
 from __future__ import annotations
 

