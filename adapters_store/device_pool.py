@@ -194,6 +194,8 @@ class DeviceLoraPool:
              for g, (lo, n) in LORA_GROUPS.items()}
             for _ in range(cfg.num_layers)]
         self.is_dora = [False] * num_slots
+        # slots whose dora_scale rows may hold other values than 1.0 (a DoRA adapter was written there)
+        self._scaled_rows: set[int] = set()
         self.base_weights = base_weights
         self.page_table = torch.zeros(num_slots, max_rank, dtype=torch.int32, device=device)
         self.ranks = torch.zeros(cfg.num_layers, len(LORA_MODULES), num_slots, dtype=torch.int32, device=device)
@@ -258,14 +260,20 @@ class DeviceLoraPool:
             raise RuntimeError("a DoRA adapter needs the base weights: build the pool with "
                                "base_weights=model.base_weight")
         self.is_dora[slot] = False  # no step reads the slot while it is written
+        # the slot's scale rows are 1.0 unless a DoRA adapter was written there (120 fills
+        # saved on a plain adapter's load); marked before writing, so that a failed write stays marked
+        refill = slot in self._scaled_rows or adapter.use_dora
+        if adapter.use_dora:
+            self._scaled_rows.add(slot)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for layer in range(self.cfg.num_layers):
                 for group, (lo, n) in LORA_GROUPS.items():
                     # per slice: (its module's weights or None, its columns in the group's output)
                     slices = []
-                    dora_row = self.dora_scale[layer][group][slot]
-                    dora_row.fill_(1.0)
+                    dora_row = self.dora_scale[layer][group][slot] if refill else None
+                    if refill:
+                        dora_row.fill_(1.0)
                     for s, (col, end) in enumerate(itertools.pairwise(self.slice_offsets[group])):
                         w = adapter.modules.get((layer, LORA_MODULES[lo + s]))
                         w = w if w is not None and w.rank else None
@@ -273,7 +281,7 @@ class DeviceLoraPool:
                         if w is not None:
                             ranks[layer][lo + s] = w.rank
                             scales[layer][lo + s] = w.scale
-                            if w.magnitude is not None:
+                            if w.magnitude is not None:  # a DoRA adapter: refill is set
                                 dora_row[col:end] = w.dora_scale(self.base_weights(layer, group)[col:end])
                     if self.ops is not None:
                         self._write_compiled(layer, group, pages, slices)
@@ -289,6 +297,8 @@ class DeviceLoraPool:
         if self.cpu_path:
             self.cpu_views[slot] = self._cpu_views(pages)
         self.is_dora[slot] = adapter.use_dora
+        if not adapter.use_dora:
+            self._scaled_rows.discard(slot)  # every row refilled with 1.0 above
 
     def _write_compiled(self, layer: int, group: str, pages: list[int], slices) -> None:
         """One layer and group of `write` through the compiled op (a CPU pool)."""

@@ -1,6 +1,8 @@
 """DoRA adapters served in mixed batches, against transformers + PEFT."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -158,6 +160,34 @@ def test_dora_needs_base_weights(dora_setup):
     with pytest.raises(RuntimeError, match="base weights"):
         pool.load(load_peft_adapter(paths["dora-qv"], cfg, 64))
     assert pool.num_free_slots == 4
+
+
+def test_a_plain_adapter_after_a_dora_adapter_in_its_slot_has_unit_scale_rows(dora_setup):
+    # a plain adapter's write refills the scale rows only where a DoRA adapter was written
+    _, base_dir, paths = dora_setup
+    cfg, model, _ = build(base_dir)
+    pool = DeviceLoraPool(cfg, 8 * 2**20, 2, 64, torch.float32, base_weights=model.base_weight)
+    dora, plain = (load_peft_adapter(paths[n], cfg, 64) for n in ("dora-r8", "lora-r8"))
+
+    def rows(slot):
+        return [pool.dora_scale[layer][group][slot] for layer in range(cfg.num_layers) for group in pool.dora_scale[0]]
+
+    slot = pool.load(dora)
+    assert any((r != 1).any() for r in rows(slot))
+    pool.unload(slot)
+    assert pool.load(plain) == slot
+    assert all((r == 1).all() for r in rows(slot))
+    pool.unload(slot)
+
+    # a DoRA write that fails halfway leaves scaled rows behind: the next write still refills them
+    last = (cfg.num_layers - 1, "down_proj")
+    bad = dataclasses.replace(dora.modules[last], a=dora.modules[last].a[:, :-1])  # A one column short
+    broken_dora = dataclasses.replace(dora, modules={**dora.modules, last: bad})
+    with pytest.raises(RuntimeError):
+        pool.load(broken_dora)
+    assert any((r != 1).any() for r in rows(slot))
+    assert pool.load(plain) == slot
+    assert all((r == 1).all() for r in rows(slot))
 
 
 def test_folder_loader_reads_magnitudes_back(dora_setup):

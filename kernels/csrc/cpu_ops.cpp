@@ -629,23 +629,32 @@ void pool_write_impl(at::Tensor& a_pages, at::Tensor& b_block, const std::vector
     const float* bsrc = bs.data_ptr<float>();  // [width, k]
     for (int64_t j = 0; j < r; ++j) {
       W* arow = ap + (pages[j] * n + s) * in;
-      W* brow = bp + (pages[j] * n + s) * out_total + lo;
       if (j < k) {
         int64_t i = 0;
         for (; i + LANES <= in; i += LANES) store_lanes(arow + i, load_lanes(asrc + j * in + i));
         for (; i < in; ++i) arow[i] = static_cast<W>(asrc[j * in + i]);
-        // column j of B_s: gathered 16 at a time (its rows are k floats apart; B_s is at most a few
-        // hundred KB, in cache), stored 16 at a time
-        int64_t c = 0;
-        for (; c + LANES <= width; c += LANES) {
+      } else {
+        std::fill(arow, arow + in, static_cast<W>(0.f));
+        W* brow = bp + (pages[j] * n + s) * out_total + lo;
+        std::fill(brow, brow + width, static_cast<W>(0.f));
+      }
+    }
+    // B_s transposed into rows 0 .. k-1, a block of BLOCK columns at a time: the block's rows of
+    // B_s (BLOCK x k floats, a few KB) stay in L1 while every row j gathers its column j from
+    // them, 16 at a time. Gathering whole columns instead read all of B_s (up to hundreds of KB,
+    // from L2) once per row.
+    constexpr int64_t BLOCK = 4 * LANES;
+    for (int64_t c0 = 0; c0 < width; c0 += BLOCK) {
+      const int64_t c1 = std::min(width, c0 + BLOCK);
+      for (int64_t j = 0; j < k; ++j) {
+        W* brow = bp + (pages[j] * n + s) * out_total + lo;
+        int64_t c = c0;
+        for (; c + LANES <= c1; c += LANES) {
           float column[LANES];
           for (int64_t l = 0; l < LANES; ++l) column[l] = bsrc[(c + l) * k + j];
           store_lanes(brow + c, load_lanes(static_cast<const float*>(column)) * scale);
         }
-        for (; c < width; ++c) brow[c] = static_cast<W>(scale * bsrc[c * k + j]);
-      } else {
-        std::fill(arow, arow + in, static_cast<W>(0.f));
-        std::fill(brow, brow + width, static_cast<W>(0.f));
+        for (; c < c1; ++c) brow[c] = static_cast<W>(scale * bsrc[c * k + j]);
       }
     }
   }
