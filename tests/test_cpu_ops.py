@@ -121,6 +121,33 @@ def test_lora_apply_equals_reference(ops, dtype, inn):
         assert ((delta - want_delta).norm() / want_delta.norm()) < 1e-2
 
 
+# segments of whole tiles, several tiles and a partial last one (4, 9, 63 tokens: all under
+# LONG_SEGMENT, so the op takes them), beside lone tokens; slice widths of whole 16-lane chunks
+# and a rest
+TILED_TOKENS = [0] * 4 + [-1] + [1] * 9 + [2] + [3] * 63 + [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_apply_over_tiles_of_tokens_equals_reference(ops, dtype):
+    a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(PAGES, inn=40, widths=(40, 24, 20),
+                                                                                 seed=5)
+    seg = make_segments(TILED_TOKENS)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(len(TILED_TOKENS), 40, generator=gen).to(dtype)
+    base = torch.randn(len(TILED_TOKENS), b.shape[1], generator=gen).to(dtype)
+    work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
+    cw = cpu.CompiledWork.of(work)
+    assert not cw.long
+    got = base.clone()
+    cpu.apply_lora_compiled(ops, x, got, cw, None, 3, offs)
+    want = base.float() + reference_delta(x.float(), TILED_TOKENS, a_pages, b, page_table, ranks, scales, offs)
+    assert torch.equal(got[4], base[4]), "the base row changed"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    else:  # float32 sums rounded once
+        torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2**-7)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_apply_reads_a_bf16_pool(ops, dtype, dora):

@@ -382,6 +382,33 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 // Tokens processed together against one row of A (each row read once per tile).
 constexpr int64_t TILE = SMALL_M;
 
+// delta[j, c] = sum of h[j, k] * b[k, c] over the rows k of column c's slice (k % num_slices),
+// for the nt tokens of a tile (h: [TILE, rn], rows past nt zero): each chunk of 16 columns keeps
+// its TILE sums in registers over k, so one load of b's row serves every token of the tile (a
+// pass over delta per row of b, as for a lone token, costs a load and a store per multiply-add)
+template <typename W>
+inline void expand_tile(const float* h, int64_t nt, int64_t rn, const W* b, int64_t out_total, int64_t num_slices,
+                        const std::vector<int64_t>& slice_offsets, float* delta) {
+  for (int64_t sl = 0; sl < num_slices; ++sl) {
+    const int64_t lo = slice_offsets[sl], hi = slice_offsets[sl + 1];
+    int64_t c = lo;
+    for (; c + LANES <= hi; c += LANES) {
+      vfloat acc[TILE] = {};
+      for (int64_t k = sl; k < rn; k += num_slices) {
+        const vfloat bv = load_lanes(b + k * out_total + c);
+        for (int64_t j = 0; j < TILE; ++j) acc[j] += h[j * rn + k] * bv;
+      }
+      for (int64_t j = 0; j < nt; ++j) std::memcpy(delta + j * out_total + c, &acc[j], sizeof(vfloat));
+    }
+    for (; c < hi; ++c)
+      for (int64_t j = 0; j < nt; ++j) {
+        float sum = 0.f;
+        for (int64_t k = sl; k < rn; k += num_slices) sum += h[j * rn + k] * to_float(b[k * out_total + c]);
+        delta[j * out_total + c] = sum;
+      }
+  }
+}
+
 // DoRA's row scales: token t in [lo, hi) has its output row multiplied by row rows[t - lo] of
 // table ([rows, out_total] float32: the pool's per-slot scales; none when table is null)
 struct RowScale {
@@ -418,11 +445,15 @@ void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int
         rows_dot_n(xf.data(), nt, in, a + k * in, sums);
         for (int64_t j = 0; j < nt; ++j) h[j * rn + k] = sums[j];
       }
-      std::fill(delta.begin(), delta.end(), 0.f);
-      for (int64_t k = 0; k < rn; ++k) {
-        // only the columns of row k's slice: the rest of b_block's row is zero
-        const int64_t sl = k % num_slices, lo = slice_offsets[sl], width = slice_offsets[sl + 1] - lo;
-        for (int64_t j = 0; j < nt; ++j) axpy_lanes(h[j * rn + k], bm + k * out_total + lo, delta.data() + j * out_total + lo, width);
+      if (nt == 1) {  // streaming each row of B once, in order, is what a lone token needs
+        std::fill(delta.begin(), delta.begin() + out_total, 0.f);
+        for (int64_t k = 0; k < rn; ++k) {
+          // only the columns of row k's slice: the rest of b_block's row is zero
+          const int64_t sl = k % num_slices, lo = slice_offsets[sl], width = slice_offsets[sl + 1] - lo;
+          axpy_lanes(h[k], bm + k * out_total + lo, delta.data() + lo, width);
+        }
+      } else {
+        expand_tile(h.data(), nt, rn, bm, out_total, num_slices, slice_offsets, delta.data());
       }
       for (int64_t j = 0; j < nt; ++j) {
         const int64_t t = t0 + j;
