@@ -2,7 +2,7 @@
 
 N adapters (ranks 8/16/32 mixed, synthetic weights) are written in PEFT
 format to a temp dir (deleted afterwards) and registered by metadata only;
-the device pool holds 32 adapters of rank 16. Requests go through the
+the device pool holds 32 adapters of rank 16, and a batch as many. Requests go through the
 Engine (offline, not HTTP) with zipf (alpha 1.0) and uniform adapter
 popularity; output tokens/s is reported relative to the same workload over
 8 adapters all resident, measured side by side in this one run. Also:
@@ -90,8 +90,10 @@ def main(argv=None):
     cfg = model.cfg
     page = DeviceLoraPool(cfg, 2**30, 1, MAX_RANK, lora_pool_dtype(model)).page_bytes
     device_bytes = 32 * 16 * page  # 32 adapters of rank 16
+    # a batch may hold as many adapters as the pool (the default cap, 16, would hold back requests
+    # whose adapters are resident: a 32-adapter pool serving 16 at a time is not one)
     config = EngineConfig(dtype=args.dtype, kv_cache_bytes=192 * 2**20, max_num_seqs=32, max_lora_rank=MAX_RANK,
-                          adapter_pool_bytes=device_bytes, max_adapter_slots=64)
+                          adapter_pool_bytes=device_bytes, max_adapter_slots=64, max_loras_per_batch=32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} adapters, {num_requests} requests "
           f"x {args.max_tokens} tokens; device pool {device_bytes / 2**20:.0f} MiB ({device_bytes // page} pages)")
     rng = random.Random(0)
