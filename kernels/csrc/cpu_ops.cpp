@@ -153,19 +153,6 @@ inline void rows_dot_n(const float* x, int64_t m, int64_t K, const W* w, float* 
   }
 }
 
-// y[i] += alpha * x[i], x float32 or bf16
-template <typename W>
-inline void axpy_lanes(float alpha, const W* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    vfloat yv;
-    std::memcpy(&yv, y + i, sizeof yv);
-    yv += alpha * load_lanes(x + i);
-    std::memcpy(y + i, &yv, sizeof yv);
-  }
-  for (; i < n; ++i) y[i] += alpha * to_float(x[i]);
-}
-
 // the vector types' lane sum, as a tree (a sequential sum of 16 lanes is a
 // chain of dependent adds that costs more than a 64-wide dot product)
 inline float lane_sum(vfloat v) {
@@ -385,7 +372,8 @@ constexpr int64_t TILE = SMALL_M;
 // delta[j, c] = sum of h[j, k] * b[k, c] over the rows k of column c's slice (k % num_slices),
 // for the nt tokens of a tile (h: [TILE, rn], rows past nt zero): each chunk of 16 columns keeps
 // its TILE sums in registers over k, so one load of b's row serves every token of the tile (a
-// pass over delta per row of b, as for a lone token, costs a load and a store per multiply-add)
+// pass over delta per row of b cost a load and a store per multiply-add; for a lone token,
+// memory-bound either way, the two measured the same)
 template <typename W>
 inline void expand_tile(const float* h, int64_t nt, int64_t rn, const W* b, int64_t out_total, int64_t num_slices,
                         const std::vector<int64_t>& slice_offsets, float* delta) {
@@ -445,16 +433,7 @@ void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int
         rows_dot_n(xf.data(), nt, in, a + k * in, sums);
         for (int64_t j = 0; j < nt; ++j) h[j * rn + k] = sums[j];
       }
-      if (nt == 1) {  // streaming each row of B once, in order, is what a lone token needs
-        std::fill(delta.begin(), delta.begin() + out_total, 0.f);
-        for (int64_t k = 0; k < rn; ++k) {
-          // only the columns of row k's slice: the rest of b_block's row is zero
-          const int64_t sl = k % num_slices, lo = slice_offsets[sl], width = slice_offsets[sl + 1] - lo;
-          axpy_lanes(h[k], bm + k * out_total + lo, delta.data() + lo, width);
-        }
-      } else {
-        expand_tile(h.data(), nt, rn, bm, out_total, num_slices, slice_offsets, delta.data());
-      }
+      expand_tile(h.data(), nt, rn, bm, out_total, num_slices, slice_offsets, delta.data());
       for (int64_t j = 0; j < nt; ++j) {
         const int64_t t = t0 + j;
         T* o = op + t * out_total;
