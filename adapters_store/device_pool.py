@@ -271,8 +271,9 @@ class DeviceLoraPool:
                 for group, (lo, n) in LORA_GROUPS.items():
                     # per slice: (its module's weights or None, its columns in the group's output)
                     slices = []
-                    dora_row = self.dora_scale[layer][group][slot] if refill else None
+                    dora_row = None
                     if refill:
+                        dora_row = self.dora_scale[layer][group][slot]
                         dora_row.fill_(1.0)
                     for s, (col, end) in enumerate(itertools.pairwise(self.slice_offsets[group])):
                         w = adapter.modules.get((layer, LORA_MODULES[lo + s]))
