@@ -76,6 +76,9 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
         assert wait_for(lambda: "loramux on Ray Serve:" in output(), timeout=60), output()
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         first_chunk = threading.Event()
+        # a stream's headers come once the replica has taken the request (queued or running): the
+        # signal must find all three in flight, not race a thread whose request is still on its way
+        accepted = threading.Semaphore(0)
         finished: dict[int, object] = {}
 
         def stream(i: int):
@@ -83,6 +86,7 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
                 chunks = iter(client.completions.create(model=BASE, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
                                                         extra_body={"ignore_eos": True}, stream=True,
                                                         stream_options={"include_usage": True}))
+                accepted.release()
                 parts = [next(chunks)]
                 if i == 0:
                     first_chunk.set()
@@ -95,7 +99,9 @@ def test_sigterm_drains_the_application(tmp_path, ray_head):
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]  # one runs, two wait
         for t in threads:
             t.start()
+        assert all(accepted.acquire(timeout=60) for _ in threads), output()
         assert first_chunk.wait(60), output()
+        assert not any(isinstance(f, Exception) for f in finished.values()), finished
         proc.send_signal(signal.SIGTERM)
 
         refused = []
