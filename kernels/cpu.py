@@ -7,6 +7,7 @@ bmm) or multiplies every token by every adapter (one dense GEMM).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -101,22 +102,24 @@ COMPILED_DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes cpu_o
 class CompiledWork:
     """apply_lora's work for one layer and group, split for the compiled op:
     the segments shorter than LONG_SEGMENT as its argument lists (A as rows
-    [r*n, in], the storage a_t views), the longer ones as work items for
-    torch's GEMMs, which are faster at that size. Built once per batch
-    composition (CpuLoraBackend keeps them across decode steps)."""
+    [r*n, in], the storage a_t views), the longer ones likewise for its
+    brgemm op (bf16 on a CPU with a bf16 matrix unit) and as work items for
+    torch's GEMMs, which are faster than lora_apply's vector loops at that
+    size. Built once per batch composition (CpuLoraBackend keeps them across
+    decode steps)."""
 
     work: tuple  # every (start, end, a_t, b_block)
-    starts: list[int]
-    ends: list[int]
-    a_rows: list[torch.Tensor]
-    b_rows: list[torch.Tensor]
+    short: tuple  # (starts, ends, a_rows, b_rows) of the short segments
+    long_args: tuple  # the same of the long ones
     long: tuple  # the work items of long segments
 
     @classmethod
     def of(cls, work) -> "CompiledWork":
-        short = [w for w in work if w[1] - w[0] < LONG_SEGMENT]
-        return cls(tuple(work), [w[0] for w in short], [w[1] for w in short], [w[2].T for w in short],
-                   [w[3] for w in short], tuple(w for w in work if w[1] - w[0] >= LONG_SEGMENT))
+        def args(items) -> tuple:
+            return [w[0] for w in items], [w[1] for w in items], [w[2].T for w in items], [w[3] for w in items]
+
+        long = tuple(w for w in work if w[1] - w[0] >= LONG_SEGMENT)
+        return cls(tuple(work), args([w for w in work if w[1] - w[0] < LONG_SEGMENT]), args(long), long)
 
 
 def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, slice_offsets) -> None:
@@ -134,17 +137,30 @@ def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, sl
         # a DoRA scale must follow every delta of its rows: with long segments one path does both
         gathered = () if dora is None else [(dora[0], dora[1], dora[2].index_select(0, dora[3]))]
         return apply_lora(x, out, cw.work, gathered)
+    x = x.contiguous()
     if cw.long:
-        apply_lora(x, out, cw.long)
-    if cw.starts:
+        if x.dtype == torch.bfloat16 and cw.long[0][2].dtype == torch.bfloat16 and brgemm_serves(ops) \
+                and x.shape[1] % 2 == 0:  # brgemm multiplies pairs of input columns
+            ops.lora_apply_long(x, out, *cw.long_args, num_slices, slice_offsets)
+        else:
+            apply_lora(x, out, cw.long)
+    if cw.short[0]:
         lo, _, table, rows = dora if dora is not None else (0, 0, None, None)
-        ops.lora_apply(x.contiguous(), out, cw.starts, cw.ends, cw.a_rows, cw.b_rows, num_slices,
-                       slice_offsets, table, rows, lo)
+        ops.lora_apply(x, out, *cw.short, num_slices, slice_offsets, table, rows, lo)
+
+
+@functools.cache
+def brgemm_serves(ops) -> bool:
+    """Whether `ops` has lora_apply_long and this CPU runs it (a bf16 matrix
+    unit: AMX); elsewhere torch's GEMMs serve long bf16 segments."""
+    available = getattr(ops, "brgemm_bf16_available", None)
+    return available is not None and bool(available())
 
 
 # A segment this long is multiplied in the model's dtype (large enough for
-# the CPU's bf16 matmul units); shorter ones share one float32 buffer over
-# the rows they span, so a decode step converts once.
+# the CPU's bf16 matmul units: lora_apply_long's brgemm where it runs, else
+# torch's GEMMs); shorter ones share one float32 buffer over the rows they
+# span, so a decode step converts once.
 LONG_SEGMENT = 64
 
 

@@ -176,6 +176,78 @@ def test_lora_apply_reads_a_bf16_pool(ops, dtype, dora):
     assert torch.equal(got[base_rows], base[base_rows])
 
 
+# long segments only (lora_apply_long's): a partial last block of tokens (70), several blocks
+# (100), one whole (64); ranks 3 (odd: a padded pair), 2, 8 and a scattered 4; slices wider than
+# a block of columns with a rest (200, 72) and narrower (24)
+LONG_PAGES = {0: [0, 1, 2], 1: [8, 9], 2: [12, 13, 14, 15, 16, 17, 18, 19], 3: [20, 22, 21, 30]}
+LONG_TOKENS = [0] * 70 + [-1] * 3 + [1] * 100 + [3] * 64 + [2] * 80
+
+
+def bf16_long_case(seed):
+    a_pages, b, b_block, page_table, ranks, scales, offs, _ = pool_and_views(LONG_PAGES, inn=40, widths=(200, 72, 24),
+                                                                             seed=seed)
+    a16, b16 = a_pages.bfloat16(), b_block.bfloat16()
+    views = {slot: (a16[pg].reshape(len(pg) * 3, 40).T, b16[pg].reshape(len(pg) * 3, -1))
+             for slot, pg in LONG_PAGES.items()}
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(LONG_TOKENS), 40, generator=gen).bfloat16()
+    base = torch.randn(len(LONG_TOKENS), b.shape[1], generator=gen).bfloat16()
+    work = [(s, s + n, *views[slot]) for s, n, slot in make_segments(LONG_TOKENS).with_adapter()]
+    return x, base, work, offs
+
+
+@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root())), reason="this CPU has no bf16 brgemm (AMX)")
+def test_lora_apply_long_equals_float32_math_over_bf16_h(ops):
+    """Each output is base + (bf16(x @ A^T) @ B) in float32, rounded once: the
+    shrink's sums rounded to bf16 as torch's bf16 shrink leaves them, the
+    rest exact; base rows untouched."""
+    x, base, work, offs = bf16_long_case(seed=6)
+    cw = cpu.CompiledWork.of(work)
+    assert len(cw.long) == len(work)
+    got = base.clone()
+    ops.lora_apply_long(x, got, *cw.long_args, 3, offs)
+    want = base.float()
+    for start, end, a_t, b_block in work:
+        h = (x[start:end].float() @ a_t.float()).bfloat16().float()
+        want[start:end] += h @ b_block.float()
+    torch.testing.assert_close(got.float(), want.bfloat16().float(), atol=1e-3, rtol=2**-7)
+    assert torch.equal(got[70:73], base[70:73])
+
+
+@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root())), reason="this CPU has no bf16 brgemm (AMX)")
+def test_long_bf16_segments_take_lora_apply_long_and_agree_with_the_torch_path(ops):
+    x, base, work, offs = bf16_long_case(seed=7)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    got, want = base.clone(), base.clone()
+    cpu.apply_lora_compiled(Spy(), x, got, cpu.CompiledWork.of(work), None, 3, offs)
+    assert "lora_apply_long" in calls and "lora_apply" not in calls
+    cpu.apply_lora(x, want, work)  # torch's bf16 GEMMs
+    delta, want_delta = got.float() - base.float(), want.float() - base.float()
+    assert ((delta - want_delta).norm() / want_delta.norm()) < 1e-2
+
+
+def test_lora_apply_long_rejects_bad_input(ops):
+    if not cpu.brgemm_serves(ops):
+        with pytest.raises(RuntimeError, match="no bf16 brgemm"):
+            ops.lora_apply_long(torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16),
+                                [], [], [], [], 1, [0, 4])
+        return
+    x, base, work, offs = bf16_long_case(seed=8)
+    args = cpu.CompiledWork.of(work).long_args
+    with pytest.raises(RuntimeError, match="bf16"):
+        ops.lora_apply_long(x.float(), base.float(), *args, 3, offs)
+    with pytest.raises(RuntimeError, match="outside the batch"):
+        ops.lora_apply_long(x[:100], base[:100], *args, 3, offs)
+    with pytest.raises(RuntimeError, match="slice offsets"):
+        ops.lora_apply_long(x, base, *args, 3, offs[:-1] + [offs[-1] - 1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_apply_with_dora_rows_equals_the_torch_path(ops, dtype):
     """DoRA: (base + delta) * row scale, over tokens lo..hi-1; tokens outside stay unscaled."""

@@ -8,6 +8,11 @@
 //                           block table (no gather into a padded copy)
 //   lora_apply              every short segment's shrink and expand of one
 //                           layer and projection group in one call
+//   lora_apply_long         the same for long bf16 segments (prefill) on the
+//                           CPU's bf16 matrix unit (AMX), through ATen's
+//                           brgemm micro-kernel: torch's own bf16 GEMM spends
+//                           more in each call's set-up than in the math at
+//                           LoRA's sizes (rank-wide shrinks, rank-deep expands)
 //   small_linear            x @ W^T for a few rows of x (one sequence or a
 //                           few decoding alone): a pass over W that streams
 //                           it at memory speed, where torch's GEMM at M=1
@@ -24,6 +29,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -491,6 +497,110 @@ void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> start
       }));
 }
 
+// -- long bf16 segments through brgemm ------------------------------------------------------
+
+using bf16 = c10::BFloat16;
+
+// The brgemm micro-kernel's B operand in VNNI-2 order: element (k, n) of a [K, N] matrix at
+// [(k / 2) * N + n] * 2 + k % 2, K padded to even with zero rows.
+template <typename F>
+void pack_vnni2(int64_t K, int64_t N, F elem, bf16* packed) {
+  for (int64_t kk = 0; kk < (K + 1) / 2; ++kk)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t k = 2 * kk + j;
+        packed[(kk * N + n) * 2 + j] = k < K ? elem(k, n) : bf16(0.f);
+      }
+}
+
+constexpr int64_t LONG_TOKENS = 32;   // tokens of one brgemm call (a work item)
+constexpr int64_t LONG_COLUMNS = 64;  // output columns of one expand call: its float32 sums stay in L1
+
+bool brgemm_bf16_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// Every segment's A^T [in, rn] packed whole, and each slice's nonzero block of B (its r rows, its
+// columns) packed per block of LONG_COLUMNS, so the expand skips the zero blocks of b_rows.
+struct PackedLora {
+  std::vector<bf16> a, b;
+};
+
+PackedLora pack_segment(const at::Tensor& a_rows, const at::Tensor& b_rows, int64_t num_slices,
+                        const std::vector<int64_t>& slice_offsets) {
+  const int64_t rn = a_rows.size(0), in = a_rows.size(1), out_total = b_rows.size(1);
+  const int64_t r = rn / num_slices, r2 = (r + 1) / 2 * 2;
+  const bf16* a = a_rows.data_ptr<bf16>();
+  const bf16* bm = b_rows.data_ptr<bf16>();
+  PackedLora p{std::vector<bf16>(in * rn), std::vector<bf16>(r2 * out_total)};
+  pack_vnni2(in, rn, [&](int64_t k, int64_t c) { return a[c * in + k]; }, p.a.data());
+  for (int64_t sl = 0; sl < num_slices; ++sl)
+    for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
+      const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
+      pack_vnni2(r, nb, [&](int64_t k, int64_t c) { return bm[(k * num_slices + sl) * out_total + c0 + c]; },
+                 p.b.data() + r2 * c0);
+    }
+  return p;
+}
+
+void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> starts, std::vector<int64_t> ends,
+                     std::vector<at::Tensor> a_rows, std::vector<at::Tensor> b_rows, int64_t num_slices,
+                     std::vector<int64_t> slice_offsets) {
+  namespace cpublas = at::native::cpublas;
+  TORCH_CHECK(brgemm_bf16_available(), "this CPU has no bf16 brgemm (lora_apply serves it)");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "x [T,in], out [T,out_total]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 && x.is_contiguous()
+              && out.is_contiguous(), "x, out: bf16, contiguous");
+  TORCH_CHECK(x.size(1) % 2 == 0, "an even input width (VNNI pairs)");
+  TORCH_CHECK(starts.size() == ends.size() && a_rows.size() == starts.size() && b_rows.size() == starts.size(),
+              "one A and B per segment");
+  TORCH_CHECK(num_slices >= 1 && static_cast<int64_t>(slice_offsets.size()) == num_slices + 1
+              && slice_offsets.front() == 0 && slice_offsets.back() == out.size(1), "slice offsets");
+  for (size_t s = 0; s < starts.size(); ++s) {
+    TORCH_CHECK(0 <= starts[s] && starts[s] < ends[s] && ends[s] <= x.size(0), "segment outside the batch");
+    TORCH_CHECK(a_rows[s].scalar_type() == at::kBFloat16 && a_rows[s].is_contiguous() && a_rows[s].dim() == 2
+                && a_rows[s].size(1) == x.size(1) && a_rows[s].size(0) % num_slices == 0, "A rows [r*n,in], bf16");
+    TORCH_CHECK(b_rows[s].scalar_type() == at::kBFloat16 && b_rows[s].is_contiguous() && b_rows[s].dim() == 2
+                && b_rows[s].size(1) == out.size(1) && b_rows[s].size(0) == a_rows[s].size(0), "B rows [r*n,out_total], bf16");
+  }
+  const int64_t in = x.size(1), out_total = out.size(1), S = static_cast<int64_t>(starts.size());
+  std::vector<PackedLora> packed(S);
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) packed[s] = pack_segment(a_rows[s], b_rows[s], num_slices, slice_offsets);
+  });
+  std::vector<std::pair<int64_t, int64_t>> items;  // (segment, first token): a long segment spreads over threads
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t t = starts[s]; t < ends[s]; t += LONG_TOKENS) items.emplace_back(s, t);
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h, sums(LONG_TOKENS * LONG_COLUMNS);
+    std::vector<bf16> hs;  // h rounded to bf16, slice by slice: [slice][token][r2] (the expand's A operand)
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t s = items[it].first, t0 = items[it].second, nt = std::min(LONG_TOKENS, ends[s] - t0);
+      const int64_t rn = a_rows[s].size(0), r = rn / num_slices, r2 = (r + 1) / 2 * 2;
+      h.resize(LONG_TOKENS * rn);
+      cpublas::brgemm(nt, rn, in, in, rn, rn, false, xp + t0 * in, packed[s].a.data(), h.data());
+      // bf16 h, as torch's bf16 shrink leaves it; the padding column of an odd rank stays zero
+      hs.assign(num_slices * LONG_TOKENS * r2, bf16(0.f));
+      for (int64_t j = 0; j < nt; ++j)
+        for (int64_t k = 0; k < rn; ++k) hs[((k % num_slices) * LONG_TOKENS + j) * r2 + k / num_slices] = bf16(h[j * rn + k]);
+      for (int64_t sl = 0; sl < num_slices; ++sl)
+        for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
+          const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
+          cpublas::brgemm(nt, nb, r2, r2, nb, nb, false, hs.data() + sl * LONG_TOKENS * r2,
+                          packed[s].b.data() + r2 * c0, sums.data());
+          for (int64_t j = 0; j < nt; ++j) {  // out + delta, rounded once
+            bf16* o = op + (t0 + j) * out_total + c0;
+            const float* d = sums.data() + j * nb;
+            int64_t q = 0;
+            for (; q + LANES <= nb; q += LANES) store_lanes(o + q, load_lanes(o + q) + load_lanes(d + q));
+            for (; q < nb; ++q) o[q] = bf16(to_float(o[q]) + d[q]);
+          }
+        }
+    }
+    cpublas::brgemm_release();  // the thread's matrix-unit state
+  });
+}
+
 template <typename T, int M>
 void small_linear_rows(const float* xf, const T* w, const float* bias, int64_t K, int64_t N, T* out) {
   at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
@@ -713,6 +823,8 @@ using nogil = py::call_guard<py::gil_scoped_release>;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache", nogil());
   m.def("lora_apply", &lora_apply, "every short segment's LoRA delta of one layer and group", nogil());
+  m.def("lora_apply_long", &lora_apply_long, "long bf16 segments' LoRA delta through brgemm (AMX)", nogil());
+  m.def("brgemm_bf16_available", &brgemm_bf16_available, "whether lora_apply_long runs on this CPU");
   m.def("small_linear", &small_linear, "x @ w^T (+ bias) for 1 to 4 rows of x, streaming w once", nogil());
   m.def("rms_norm", &rms_norm, "HF Llama's RMSNorm of each row of x", nogil());
   m.def("rope_", &rope_, "HF Llama's rotary embedding of x [T, heads, D], in place", nogil());

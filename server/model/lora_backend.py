@@ -113,6 +113,11 @@ class CpuLoraBackend:
     def path(self) -> str:
         return "torch" if self.ops is None else "compiled"
 
+    @property
+    def long_segments(self) -> str:
+        """What multiplies long bf16 segments (prefill), for the startup log."""
+        return "brgemm (AMX)" if self.ops is not None and cpu.brgemm_serves(self.ops) else "torch GEMMs"
+
     def prepare(self, seg: Segments) -> CpuLoraBatch:
         pool = self.pool
         active = seg.with_adapter()
