@@ -114,38 +114,42 @@ class CompiledWork:
     long: tuple  # the work items of long segments
 
     @classmethod
-    def of(cls, work) -> "CompiledWork":
+    def of(cls, work, long_segment: int = 0) -> "CompiledWork":
+        """long_segment: the shortest segment that is long (LONG_SEGMENT by default)."""
+        long_segment = long_segment or LONG_SEGMENT
+
         def args(items) -> tuple:
             return [w[0] for w in items], [w[1] for w in items], [w[2].T for w in items], [w[3] for w in items]
 
-        long = tuple(w for w in work if w[1] - w[0] >= LONG_SEGMENT)
-        return cls(tuple(work), args([w for w in work if w[1] - w[0] < LONG_SEGMENT]), args(long), long)
+        long = tuple(w for w in work if w[1] - w[0] >= long_segment)
+        return cls(tuple(work), args([w for w in work if w[1] - w[0] < long_segment]), args(long), long)
 
 
 def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, slice_offsets) -> None:
-    """apply_lora through the compiled op (kernels/csrc/cpu_ops.cpp), same
+    """apply_lora through the compiled ops (kernels/csrc/cpu_ops.cpp), same
     result: one call covers every short segment (float32 math, each output
-    rounded once), which in a decode step is all of them. num_slices,
-    slice_offsets: the group's slices and their column boundaries in `out`
-    (b_block's row k belongs to slice k % num_slices, so the op skips the
-    zero blocks). dora: None, or (lo, hi, table, rows): tokens lo..hi-1
-    scaled by the rows `rows` ([hi - lo] long) of table ([slots + 1,
-    out_total] float32, the pool's dora_scale), which the op reads in place."""
+    rounded once), which in a decode step is all of them, and one the long
+    bf16 segments where brgemm serves them. num_slices, slice_offsets: the
+    group's slices and their column boundaries in `out` (b_block's row k
+    belongs to slice k % num_slices, so the ops skip the zero blocks). dora:
+    None, or (lo, hi, table, rows): tokens lo..hi-1 scaled by the rows
+    `rows` ([hi - lo] long) of table ([slots + 1, out_total] float32, the
+    pool's dora_scale), which the ops read in place."""
     if not cw.work:
         return
-    if x.dtype not in COMPILED_DTYPES or (cw.long and dora is not None):
+    long_by_brgemm = bool(cw.long) and x.dtype == torch.bfloat16 and cw.long[0][2].dtype == torch.bfloat16 \
+        and x.shape[1] % 2 == 0 and brgemm_serves(ops)  # brgemm multiplies pairs of input columns
+    if x.dtype not in COMPILED_DTYPES or (cw.long and dora is not None and not long_by_brgemm):
         # a DoRA scale must follow every delta of its rows: with long segments one path does both
         gathered = () if dora is None else [(dora[0], dora[1], dora[2].index_select(0, dora[3]))]
         return apply_lora(x, out, cw.work, gathered)
     x = x.contiguous()
-    if cw.long:
-        if x.dtype == torch.bfloat16 and cw.long[0][2].dtype == torch.bfloat16 and brgemm_serves(ops) \
-                and x.shape[1] % 2 == 0:  # brgemm multiplies pairs of input columns
-            ops.lora_apply_long(x, out, *cw.long_args, num_slices, slice_offsets)
-        else:
-            apply_lora(x, out, cw.long)
+    lo, _, table, rows = dora if dora is not None else (0, 0, None, None)
+    if long_by_brgemm:
+        ops.lora_apply_long(x, out, *cw.long_args, num_slices, slice_offsets, table, rows, lo)
+    elif cw.long:
+        apply_lora(x, out, cw.long)
     if cw.short[0]:
-        lo, _, table, rows = dora if dora is not None else (0, 0, None, None)
         ops.lora_apply(x, out, *cw.short, num_slices, slice_offsets, table, rows, lo)
 
 
@@ -156,6 +160,16 @@ def brgemm_serves(ops) -> bool:
     available = getattr(ops, "brgemm_bf16_available", None)
     return available is not None and bool(available())
 
+
+def long_segment(ops, pool_dtype: torch.dtype) -> int:
+    """The shortest long segment for a pool of `pool_dtype` served by `ops`:
+    brgemm beats lora_apply's vector loops from about 24 tokens (32 tokens
+    of 8 adapters over SmolLM2's 30 layers: 21.5 against 27.1 ms; 16: 36.2
+    against 32.7), torch's GEMMs only from about LONG_SEGMENT."""
+    return BRGEMM_SEGMENT if pool_dtype == torch.bfloat16 and brgemm_serves(ops) else LONG_SEGMENT
+
+
+BRGEMM_SEGMENT = 24
 
 # A segment this long is multiplied in the model's dtype (large enough for
 # the CPU's bf16 matmul units: lora_apply_long's brgemm where it runs, else

@@ -146,6 +146,9 @@ BATCHES = {
     "lora-mix": [(None, 9), ("lora", 64), ("lora", 6), ("rs", 11), (MIX_NAME, 8), (None, 5)],
     # a DoRA row: every row of the group summed in float32, row-scaled, rounded once
     "dora-lora-mix": [(None, 9), ("dora", 12), ("dora", 5), ("lora", 10), ("rs", 7), (MIX_NAME, 8)],
+    # prefill-long segments with DoRA rows: where brgemm serves (AMX), lora_apply_long adds and
+    # scales them (24 tokens and more), lora_apply the short one; elsewhere the torch path, whole
+    "dora-long": [("dora", 40), (None, 5), ("lora", 30), ("rs", 6), ("dora", 26)],
 }
 
 

@@ -197,19 +197,25 @@ def bf16_long_case(seed):
 
 
 @pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root())), reason="this CPU has no bf16 brgemm (AMX)")
-def test_lora_apply_long_equals_float32_math_over_bf16_h(ops):
-    """Each output is base + (bf16(x @ A^T) @ B) in float32, rounded once: the
-    shrink's sums rounded to bf16 as torch's bf16 shrink leaves them, the
-    rest exact; base rows untouched."""
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_apply_long_equals_float32_math_over_bf16_h(ops, dora):
+    """Each output is base + (bf16(x @ A^T) @ B) in float32, times its DoRA
+    row's scales where it has one, rounded once: the shrink's sums rounded to
+    bf16 as torch's bf16 shrink leaves them, the rest exact; base rows untouched."""
     x, base, work, offs = bf16_long_case(seed=6)
     cw = cpu.CompiledWork.of(work)
     assert len(cw.long) == len(work)
+    lo, hi = 40, 250  # from inside the first segment to inside the last: base rows and unscaled tokens on both sides
+    table, rows = dora_rows(LONG_TOKENS, lo, hi, base.shape[1], torch.Generator().manual_seed(9)) if dora \
+        else (None, None)
     got = base.clone()
-    ops.lora_apply_long(x, got, *cw.long_args, 3, offs)
+    ops.lora_apply_long(x, got, *cw.long_args, 3, offs, table, rows, lo)
     want = base.float()
     for start, end, a_t, b_block in work:
         h = (x[start:end].float() @ a_t.float()).bfloat16().float()
         want[start:end] += h @ b_block.float()
+    if dora:
+        want[lo:hi] *= table[rows]
     torch.testing.assert_close(got.float(), want.bfloat16().float(), atol=1e-3, rtol=2**-7)
     assert torch.equal(got[70:73], base[70:73])
 
@@ -227,6 +233,12 @@ def test_long_bf16_segments_take_lora_apply_long_and_agree_with_the_torch_path(o
     got, want = base.clone(), base.clone()
     cpu.apply_lora_compiled(Spy(), x, got, cpu.CompiledWork.of(work), None, 3, offs)
     assert "lora_apply_long" in calls and "lora_apply" not in calls
+    # with DoRA rows too (the torch path takes long segments with DoRA whole where brgemm does not serve)
+    table, rows = dora_rows(LONG_TOKENS, 0, len(LONG_TOKENS), base.shape[1], torch.Generator().manual_seed(3))
+    calls.clear()
+    cpu.apply_lora_compiled(Spy(), x, base.clone(), cpu.CompiledWork.of(work), (0, len(LONG_TOKENS), table, rows), 3,
+                            offs)
+    assert "lora_apply_long" in calls
     cpu.apply_lora(x, want, work)  # torch's bf16 GEMMs
     delta, want_delta = got.float() - base.float(), want.float() - base.float()
     assert ((delta - want_delta).norm() / want_delta.norm()) < 1e-2
@@ -236,16 +248,19 @@ def test_lora_apply_long_rejects_bad_input(ops):
     if not cpu.brgemm_serves(ops):
         with pytest.raises(RuntimeError, match="no bf16 brgemm"):
             ops.lora_apply_long(torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16),
-                                [], [], [], [], 1, [0, 4])
+                                [], [], [], [], 1, [0, 4], None, None, 0)
         return
     x, base, work, offs = bf16_long_case(seed=8)
     args = cpu.CompiledWork.of(work).long_args
     with pytest.raises(RuntimeError, match="bf16"):
-        ops.lora_apply_long(x.float(), base.float(), *args, 3, offs)
+        ops.lora_apply_long(x.float(), base.float(), *args, 3, offs, None, None, 0)
     with pytest.raises(RuntimeError, match="outside the batch"):
-        ops.lora_apply_long(x[:100], base[:100], *args, 3, offs)
+        ops.lora_apply_long(x[:100], base[:100], *args, 3, offs, None, None, 0)
     with pytest.raises(RuntimeError, match="slice offsets"):
-        ops.lora_apply_long(x, base, *args, 3, offs[:-1] + [offs[-1] - 1])
+        ops.lora_apply_long(x, base, *args, 3, offs[:-1] + [offs[-1] - 1], None, None, 0)
+    table, rows = dora_rows(LONG_TOKENS, 0, 10, base.shape[1], torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError, match="scaled tokens outside the batch"):
+        ops.lora_apply_long(x, base, *args, 3, offs, table, rows, len(LONG_TOKENS) - 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -411,6 +411,21 @@ struct RowScale {
   int64_t lo = 0, hi = 0;
 };
 
+// The checked RowScale of an op's optional (table, rows, lo) arguments.
+RowScale row_scale_of(const at::Tensor& out, const c10::optional<at::Tensor>& scale_table,
+                      const c10::optional<at::Tensor>& scale_rows, int64_t scale_lo) {
+  if (!scale_table.has_value()) return RowScale{};
+  TORCH_CHECK(scale_table->scalar_type() == at::kFloat && scale_table->is_contiguous() && scale_table->dim() == 2
+              && scale_table->size(1) == out.size(1), "scale table [rows, out_total] float32");
+  TORCH_CHECK(scale_rows.has_value() && scale_rows->scalar_type() == at::kLong && scale_rows->is_contiguous()
+              && scale_rows->dim() == 1, "a scale row per token");
+  const int64_t* rows = scale_rows->data_ptr<int64_t>();
+  for (int64_t i = 0; i < scale_rows->size(0); ++i)
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < scale_table->size(0), "scale row outside the table");
+  TORCH_CHECK(scale_lo >= 0 && scale_lo + scale_rows->size(0) <= out.size(0), "scaled tokens outside the batch");
+  return RowScale{scale_table->data_ptr<float>(), rows, scale_lo, scale_lo + scale_rows->size(0)};
+}
+
 // T: the activations' dtype; W: the pool's (float32, or bf16 for a bf16 model: half the bytes a step streams)
 template <typename T, typename W>
 void lora_apply_impl(const at::Tensor& x, at::Tensor& out, const std::vector<int64_t>& starts,
@@ -472,18 +487,7 @@ void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> start
     TORCH_CHECK(b_rows[s].is_contiguous() && b_rows[s].size(1) == out.size(1) && b_rows[s].size(0) == a_rows[s].size(0),
                 "B rows [rn,out_total]");
   }
-  RowScale scale;
-  if (scale_table.has_value()) {
-    TORCH_CHECK(scale_table->scalar_type() == at::kFloat && scale_table->is_contiguous() && scale_table->dim() == 2
-                && scale_table->size(1) == out.size(1), "scale table [rows, out_total] float32");
-    TORCH_CHECK(scale_rows.has_value() && scale_rows->scalar_type() == at::kLong && scale_rows->is_contiguous()
-                && scale_rows->dim() == 1, "a scale row per token");
-    const int64_t* rows = scale_rows->data_ptr<int64_t>();
-    for (int64_t i = 0; i < scale_rows->size(0); ++i)
-      TORCH_CHECK(rows[i] >= 0 && rows[i] < scale_table->size(0), "scale row outside the table");
-    TORCH_CHECK(scale_lo >= 0 && scale_lo + scale_rows->size(0) <= x.size(0), "scaled tokens outside the batch");
-    scale = RowScale{scale_table->data_ptr<float>(), rows, scale_lo, scale_lo + scale_rows->size(0)};
-  }
+  const RowScale scale = row_scale_of(out, scale_table, scale_rows, scale_lo);
   if (starts.empty()) return;
   const bool bf16_pool = a_rows[0].scalar_type() == at::kBFloat16;
   AT_DISPATCH_SWITCH(x.scalar_type(), "lora_apply",
@@ -543,7 +547,8 @@ PackedLora pack_segment(const at::Tensor& a_rows, const at::Tensor& b_rows, int6
 
 void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> starts, std::vector<int64_t> ends,
                      std::vector<at::Tensor> a_rows, std::vector<at::Tensor> b_rows, int64_t num_slices,
-                     std::vector<int64_t> slice_offsets) {
+                     std::vector<int64_t> slice_offsets, c10::optional<at::Tensor> scale_table,
+                     c10::optional<at::Tensor> scale_rows, int64_t scale_lo) {
   namespace cpublas = at::native::cpublas;
   TORCH_CHECK(brgemm_bf16_available(), "this CPU has no bf16 brgemm (lora_apply serves it)");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "x [T,in], out [T,out_total]");
@@ -561,6 +566,7 @@ void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> 
     TORCH_CHECK(b_rows[s].scalar_type() == at::kBFloat16 && b_rows[s].is_contiguous() && b_rows[s].dim() == 2
                 && b_rows[s].size(1) == out.size(1) && b_rows[s].size(0) == a_rows[s].size(0), "B rows [r*n,out_total], bf16");
   }
+  const RowScale scale = row_scale_of(out, scale_table, scale_rows, scale_lo);
   const int64_t in = x.size(1), out_total = out.size(1), S = static_cast<int64_t>(starts.size());
   std::vector<PackedLora> packed(S);
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
@@ -588,12 +594,20 @@ void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> 
           const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
           cpublas::brgemm(nt, nb, r2, r2, nb, nb, false, hs.data() + sl * LONG_TOKENS * r2,
                           packed[s].b.data() + r2 * c0, sums.data());
-          for (int64_t j = 0; j < nt; ++j) {  // out + delta, rounded once
-            bf16* o = op + (t0 + j) * out_total + c0;
+          for (int64_t j = 0; j < nt; ++j) {  // out + delta (times a DoRA row's scales), rounded once
+            const int64_t t = t0 + j;
+            bf16* o = op + t * out_total + c0;
             const float* d = sums.data() + j * nb;
             int64_t q = 0;
-            for (; q + LANES <= nb; q += LANES) store_lanes(o + q, load_lanes(o + q) + load_lanes(d + q));
-            for (; q < nb; ++q) o[q] = bf16(to_float(o[q]) + d[q]);
+            if (scale.table != nullptr && t >= scale.lo && t < scale.hi) {
+              const float* sc = scale.table + scale.rows[t - scale.lo] * out_total + c0;
+              for (; q + LANES <= nb; q += LANES)
+                store_lanes(o + q, (load_lanes(o + q) + load_lanes(d + q)) * load_lanes(sc + q));
+              for (; q < nb; ++q) o[q] = bf16((to_float(o[q]) + d[q]) * sc[q]);
+            } else {
+              for (; q + LANES <= nb; q += LANES) store_lanes(o + q, load_lanes(o + q) + load_lanes(d + q));
+              for (; q < nb; ++q) o[q] = bf16(to_float(o[q]) + d[q]);
+            }
           }
         }
     }

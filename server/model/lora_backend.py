@@ -140,8 +140,10 @@ class CpuLoraBackend:
         if hit is not None:
             self._compiled.move_to_end(key)
             return hit[1]
+        long_segment = cpu.long_segment(self.ops, self.pool.a_pages[0]["qkv"].dtype)
         per_layer = tuple(
-            {group: cpu.CompiledWork.of([(start, end, *views[layer][group]) for start, end, views in work])
+            {group: cpu.CompiledWork.of([(start, end, *views[layer][group]) for start, end, views in work],
+                                        long_segment)
              for group in LORA_GROUPS}
             for layer in range(self.pool.cfg.num_layers))
         self._compiled[key] = (work, per_layer)
