@@ -506,15 +506,37 @@ void lora_apply(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> start
 using bf16 = c10::BFloat16;
 
 // The brgemm micro-kernel's B operand in VNNI-2 order: element (k, n) of a [K, N] matrix at
-// [(k / 2) * N + n] * 2 + k % 2, K padded to even with zero rows.
-template <typename F>
-void pack_vnni2(int64_t K, int64_t N, F elem, bf16* packed) {
-  for (int64_t kk = 0; kk < (K + 1) / 2; ++kk)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < 2; ++j) {
-        const int64_t k = 2 * kk + j;
-        packed[(kk * N + n) * 2 + j] = k < K ? elem(k, n) : bf16(0.f);
+// [(k / 2) * N + n] * 2 + k % 2, K padded to even with zeros (pairs of rows interleaved).
+
+// A^T [in, rn] from A's rows [rn, in], in even: elements (2kk, n) and (2kk + 1, n) of A^T are
+// one 32-bit word of row n, so packing is a transpose of words
+void pack_transposed_rows(const bf16* rows, int64_t rn, int64_t in, bf16* packed) {
+  const int64_t pairs = in / 2;
+  const char* src = reinterpret_cast<const char*>(rows);
+  char* dst = reinterpret_cast<char*>(packed);
+  for (int64_t n = 0; n < rn; ++n)
+    for (int64_t kk = 0; kk < pairs; ++kk) std::memcpy(dst + (kk * rn + n) * 4, src + (n * pairs + kk) * 4, 4);
+}
+
+// a [K, N] matrix whose row k is row(k) (N contiguous elements)
+template <typename Row>
+void pack_row_pairs(int64_t K, int64_t N, Row row, bf16* packed) {
+  for (int64_t kk = 0; kk < (K + 1) / 2; ++kk) {
+    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(row(2 * kk));
+    uint16_t* d = reinterpret_cast<uint16_t*>(packed) + kk * N * 2;
+    if (2 * kk + 1 < K) {
+      const uint16_t* r1 = reinterpret_cast<const uint16_t*>(row(2 * kk + 1));
+      for (int64_t n = 0; n < N; ++n) {
+        d[2 * n] = r0[n];
+        d[2 * n + 1] = r1[n];
       }
+    } else {
+      for (int64_t n = 0; n < N; ++n) {
+        d[2 * n] = r0[n];
+        d[2 * n + 1] = 0;
+      }
+    }
+  }
 }
 
 constexpr int64_t LONG_TOKENS = 32;   // tokens of one brgemm call (a work item)
@@ -535,12 +557,12 @@ PackedLora pack_segment(const at::Tensor& a_rows, const at::Tensor& b_rows, int6
   const bf16* a = a_rows.data_ptr<bf16>();
   const bf16* bm = b_rows.data_ptr<bf16>();
   PackedLora p{std::vector<bf16>(in * rn), std::vector<bf16>(r2 * out_total)};
-  pack_vnni2(in, rn, [&](int64_t k, int64_t c) { return a[c * in + k]; }, p.a.data());
+  pack_transposed_rows(a, rn, in, p.a.data());
   for (int64_t sl = 0; sl < num_slices; ++sl)
     for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
       const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
-      pack_vnni2(r, nb, [&](int64_t k, int64_t c) { return bm[(k * num_slices + sl) * out_total + c0 + c]; },
-                 p.b.data() + r2 * c0);
+      pack_row_pairs(r, nb, [&](int64_t k) { return bm + (k * num_slices + sl) * out_total + c0; },
+                     p.b.data() + r2 * c0);
     }
   return p;
 }
