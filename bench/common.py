@@ -1,9 +1,18 @@
-"""Shared pieces of the benchmarks: timing. (Synthetic models and adapters:
-bench/synthetic.py; adapter popularity: bench/popularity.py.)"""
+"""Shared pieces of the benchmarks: timing, the command of a server they
+start. (Synthetic models and adapters: bench/synthetic.py; adapter
+popularity: bench/popularity.py.)"""
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+
+
+def serve_argv(*args: str) -> list[str]:
+    """`loramux serve ARGS` in this interpreter. -P: without it the working
+    directory, a checkout, goes first on sys.path, and its kernels/ shadows
+    the `kernels` package transformers imports (the server dies at start)."""
+    return [sys.executable, "-P", "-m", "loramux.server", "serve", *args]
 
 
 def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict[str, float]:

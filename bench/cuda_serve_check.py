@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from loramux.bench.common import serve_argv
 from loramux.bench.offline_checkpoint import make_adapters, make_checkpoint
 
 MODEL = "tiny"
@@ -133,11 +134,11 @@ def main(argv=None) -> int:
         adapters = make_adapters(model_dir, root / "adapters", ["ad0", "ad1"])
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "loramux.server", "serve", "--model", str(model_dir), "--device", args.device,
+        cmd = serve_argv("--model", str(model_dir), "--device", args.device,
                "--dtype", "float32", "--data-dir", str(root / "data"), "--port", str(port),
                "--served-model-name", MODEL, "--allowed-adapter-root", str(root / "adapters"),
                "--kv-cache-bytes", "16M", "--adapter-pool-bytes", "64M", "--adapter-host-bytes", "64M",
-               "--log-level", "warning"]
+               "--log-level", "warning")
         log = open(root / "server.log", "w+")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

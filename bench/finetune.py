@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from loramux.bench.common import serve_argv
 from loramux.bench.scaleout import free_port, run_load, wait_healthy
 
 SERVED = "base"
@@ -134,9 +135,9 @@ def serving_rows(model: str, args) -> dict:
     """The same closed-loop load on an idle server and while a job trains."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        argv = [sys.executable, "-m", "loramux.server", "serve", "--model", model, "--port", str(port),
+        argv = serve_argv("--model", model, "--port", str(port),
                 "--data-dir", tmp, "--served-model-name", SERVED, "--log-level", "warning",
-                "--max-num-seqs", str(args.concurrency), "--fine-tuning-threads", str(args.threads)]
+                "--max-num-seqs", str(args.concurrency), "--fine-tuning-threads", str(args.threads))
         proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": str(args.serve_threads)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from loramux.bench.common import serve_argv
 from loramux.bench.load_test import Arrivals, Length, Target, Workload, run_load, summarize, upload_adapters
 from loramux.bench.scaleout import free_port, wait_healthy
 from loramux.bench.synthetic import make_peft_adapters
@@ -40,9 +41,9 @@ def measure(env: dict[str, str], folders: list[Path], args) -> dict[str, dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="loramux-http-") as data:
-        argv = [sys.executable, "-m", "loramux.server", "serve", "--port", str(port), "--data-dir", data,
+        argv = serve_argv("--port", str(port), "--data-dir", data,
                 "--dtype", args.dtype, "--served-model-name", SERVED, "--max-loras-per-batch", "16",
-                "--max-lora-rank", "16", "--max-num-seqs", "32", "--log-level", "warning"]
+                "--max-lora-rank", "16", "--max-num-seqs", "32", "--log-level", "warning")
         proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url)

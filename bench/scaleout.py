@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from loramux.bench.common import serve_argv
 from loramux.bench.load_test import WORDS
 from loramux.bench.popularity import choose
 
@@ -132,7 +133,7 @@ def serve_options(model_dir: Path, store: Path, args) -> dict[str, str]:
 def run_plain(model_dir: Path, store: Path, args, cores: int, models: list[str]) -> dict:
     """The workload against plain `loramux serve` with `cores` torch threads."""
     port = free_port()
-    argv = [sys.executable, "-m", "loramux.server", "serve", "--port", str(port), "--log-level", "warning"]
+    argv = serve_argv("--port", str(port), "--log-level", "warning")
     for key, value in serve_options(model_dir, store, args).items():
         argv += ["--" + key.replace("_", "-"), value]
     env = {**os.environ, "OMP_NUM_THREADS": str(cores)}

@@ -30,3 +30,16 @@ def test_the_ray_replica_package_takes_the_checkout_off_sys_path():
         "import sys, loramux.server.ray_serve, transformers.activations; print('' in sys.path)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False"]
+
+
+def test_servers_the_benchmarks_start_import_transformers_from_a_checkout():
+    # `python -P -m loramux.bench.x` does not pass -P on to the servers it starts: serve_argv must
+    from loramux.bench.common import serve_argv
+
+    argv = serve_argv("--port", "1")
+    flags = argv[1:argv.index("-m")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    proc = subprocess.run([argv[0], *flags, "-c", "import transformers.activations"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert argv[argv.index("-m") + 1:][:2] == ["loramux.server", "serve"]
