@@ -122,14 +122,14 @@ def test_lora_apply_equals_reference(ops, dtype, inn):
 
 
 # segments of whole tiles, several tiles and a partial last one (4, 9, 63 tokens: all under
-# LONG_SEGMENT, so the op takes them), beside lone tokens; slice widths of whole 16-lane chunks
-# and a rest
+# LONG_SEGMENT, so the op takes them), beside lone tokens; slice widths of a block of four 16-lane
+# chunks, a chunk and a rest (88), of whole chunks and a rest (24, 20)
 TILED_TOKENS = [0] * 4 + [-1] + [1] * 9 + [2] + [3] * 63 + [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_apply_over_tiles_of_tokens_equals_reference(ops, dtype):
-    a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(PAGES, inn=40, widths=(40, 24, 20),
+    a_pages, b, b_block, page_table, ranks, scales, offs, views = pool_and_views(PAGES, inn=40, widths=(88, 24, 20),
                                                                                  seed=5)
     seg = make_segments(TILED_TOKENS)
     gen = torch.Generator().manual_seed(2)
