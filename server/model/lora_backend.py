@@ -115,8 +115,10 @@ class CpuLoraBackend:
 
     @property
     def long_segments(self) -> str:
-        """What multiplies long bf16 segments (prefill), for the startup log."""
-        return "brgemm (AMX)" if self.ops is not None and cpu.brgemm_serves(self.ops) else "torch GEMMs"
+        """What multiplies long segments (prefill), for the startup log: brgemm
+        for a bf16 pool on a CPU that runs it, else torch's GEMMs."""
+        bf16_pool = self.pool.a_pages[0]["qkv"].dtype == torch.bfloat16
+        return "brgemm" if bf16_pool and self.ops is not None and cpu.brgemm_serves(self.ops) else "torch GEMMs"
 
     def prepare(self, seg: Segments) -> CpuLoraBatch:
         pool = self.pool

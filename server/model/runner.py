@@ -71,7 +71,7 @@ class ModelRunner:
         """Which implementations serve this runner, for the startup log."""
         lora = getattr(self.lora, "path", "none")
         if hasattr(self.lora, "long_segments"):
-            lora += f" (long bf16 segments: {self.lora.long_segments})"
+            lora += f" (long segments: {self.lora.long_segments})"
         return (f"decode attention: {self.model.decode_attention_path}, LoRA deltas: {lora}, "
                 f"small-batch GEMMs: {self.model.base_linear_path}, norms and rotary: {self.model.layer_ops.path}")
 

@@ -26,7 +26,7 @@ def assert_runner_path(runner, path: str) -> None:
     # the small-batch GEMMs, norms and rotary are the compiled ops wherever the model is on a CPU and
     # the ops are allowed
     cpu = "compiled" if path != "torch" and runner.model.device.type == "cpu" else "torch"
-    lora = path if path == "triton" else f"{path} (long bf16 segments: {runner.lora.long_segments})"
+    lora = path if path == "triton" else f"{path} (long segments: {runner.lora.long_segments})"
     assert runner.kernel_paths() == (f"decode attention: {path}, LoRA deltas: {lora}, small-batch GEMMs: {cpu}, "
                                      f"norms and rotary: {cpu}")
 
