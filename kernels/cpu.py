@@ -100,29 +100,34 @@ COMPILED_DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes cpu_o
 
 @dataclass(frozen=True)
 class CompiledWork:
-    """apply_lora's work for one layer and group, split for the compiled op:
-    the segments shorter than LONG_SEGMENT as its argument lists (A as rows
-    [r*n, in], the storage a_t views), the longer ones likewise for its
-    brgemm op (bf16 on a CPU with a bf16 matrix unit) and as work items for
-    torch's GEMMs, which are faster than lora_apply's vector loops at that
-    size. Built once per batch composition (CpuLoraBackend keeps them across
+    """apply_lora's work for one layer and group, split for the compiled ops:
+    the segments shorter than the long-segment length as lora_apply's
+    argument lists (A as rows [r*n, in], the storage a_t views), the longer
+    ones likewise for lora_apply_long where brgemm serves the pool (then from
+    BRGEMM_SEGMENT tokens), else as work items for torch's GEMMs (from
+    LONG_SEGMENT), both faster than lora_apply's vector loops at that size.
+    Built once per batch composition (CpuLoraBackend keeps them across
     decode steps)."""
 
     work: tuple  # every (start, end, a_t, b_block)
     short: tuple  # (starts, ends, a_rows, b_rows) of the short segments
     long_args: tuple  # the same of the long ones
     long: tuple  # the work items of long segments
+    long_by_brgemm: bool  # the long segments go to ops.lora_apply_long
 
     @classmethod
-    def of(cls, work, long_segment: int = 0) -> "CompiledWork":
-        """long_segment: the shortest segment that is long (LONG_SEGMENT by default)."""
-        long_segment = long_segment or LONG_SEGMENT
+    def of(cls, work, ops=None) -> "CompiledWork":
+        """ops: the compiled ops that will run it (None: long segments take torch's GEMMs)."""
+        # brgemm multiplies pairs of input columns: an odd input width stays on torch's GEMMs
+        brgemm = bool(work) and brgemm_serves(ops, work[0][2].dtype) and work[0][2].shape[0] % 2 == 0
+        long_segment = BRGEMM_SEGMENT if brgemm else LONG_SEGMENT
 
         def args(items) -> tuple:
             return [w[0] for w in items], [w[1] for w in items], [w[2].T for w in items], [w[3] for w in items]
 
         long = tuple(w for w in work if w[1] - w[0] >= long_segment)
-        return cls(tuple(work), args([w for w in work if w[1] - w[0] < long_segment]), args(long), long)
+        return cls(tuple(work), args([w for w in work if w[1] - w[0] < long_segment]), args(long), long,
+                   brgemm and bool(long))
 
 
 def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, slice_offsets) -> None:
@@ -137,8 +142,7 @@ def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, sl
     pool's dora_scale), which the ops read in place."""
     if not cw.work:
         return
-    long_by_brgemm = bool(cw.long) and x.dtype == torch.bfloat16 and cw.long[0][2].dtype == torch.bfloat16 \
-        and x.shape[1] % 2 == 0 and brgemm_serves(ops)  # brgemm multiplies pairs of input columns
+    long_by_brgemm = cw.long_by_brgemm and x.dtype == torch.bfloat16
     if x.dtype not in COMPILED_DTYPES or (cw.long and dora is not None and not long_by_brgemm):
         # a DoRA scale must follow every delta of its rows: with long segments one path does both
         gathered = () if dora is None else [(dora[0], dora[1], dora[2].index_select(0, dora[3]))]
@@ -154,19 +158,15 @@ def apply_lora_compiled(ops, x, out, cw: CompiledWork, dora, num_slices: int, sl
 
 
 @functools.cache
-def brgemm_serves(ops) -> bool:
-    """Whether `ops` has lora_apply_long and this CPU runs it (a bf16 matrix
-    unit: AMX); elsewhere torch's GEMMs serve long bf16 segments."""
+def brgemm_serves(ops, pool_dtype: torch.dtype) -> bool:
+    """Whether `ops` run lora_apply_long over a pool of `pool_dtype` on this
+    CPU (a bf16 pool, a bf16 matrix unit: AMX); elsewhere torch's GEMMs
+    serve long segments. brgemm beats lora_apply's vector loops from about
+    BRGEMM_SEGMENT tokens (32 tokens of 8 adapters over SmolLM2's 30 layers:
+    21.5 against 27.1 ms; 16: 36.2 against 32.7), torch's GEMMs only from
+    about LONG_SEGMENT."""
     available = getattr(ops, "brgemm_bf16_available", None)
-    return available is not None and bool(available())
-
-
-def long_segment(ops, pool_dtype: torch.dtype) -> int:
-    """The shortest long segment for a pool of `pool_dtype` served by `ops`:
-    brgemm beats lora_apply's vector loops from about 24 tokens (32 tokens
-    of 8 adapters over SmolLM2's 30 layers: 21.5 against 27.1 ms; 16: 36.2
-    against 32.7), torch's GEMMs only from about LONG_SEGMENT."""
-    return BRGEMM_SEGMENT if pool_dtype == torch.bfloat16 and brgemm_serves(ops) else LONG_SEGMENT
+    return pool_dtype == torch.bfloat16 and available is not None and bool(available())
 
 
 BRGEMM_SEGMENT = 24

@@ -108,7 +108,7 @@ def test_lora_apply_equals_reference(ops, dtype, inn):
     base = torch.randn(len(TOKENS), b.shape[1], generator=gen).to(dtype)
     work = [(s, s + n, *views[slot]) for s, n, slot in seg.with_adapter()]
     got = base.clone()
-    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), None, 3, offs)
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work, ops), None, 3, offs)
     want = base.float() + reference_delta(x.float(), TOKENS, a_pages, b, page_table, ranks, scales, offs)
     base_rows = [t for t, slot in enumerate(TOKENS) if slot == -1]
     assert torch.equal(got[base_rows], base[base_rows]), "a base row changed"
@@ -168,7 +168,7 @@ def test_lora_apply_reads_a_bf16_pool(ops, dtype, dora):
         table, rows = dora_rows(tokens, 3, 11, b.shape[1], gen)
         scaled, gathered = (3, 11, table, rows), [(3, 11, table[rows])]
     got, want = base.clone(), base.clone()
-    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work), scaled, 3, offs)
+    cpu.apply_lora_compiled(ops, x, got, cpu.CompiledWork.of(work, ops), scaled, 3, offs)
     cpu.apply_lora(x, want, [(s, e, a.float(), bb.float()) for s, e, a, bb in work], gathered)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(got, want, **tol)
@@ -196,7 +196,7 @@ def bf16_long_case(seed):
     return x, base, work, offs
 
 
-@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root())), reason="this CPU has no bf16 brgemm (AMX)")
+@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root()), torch.bfloat16), reason="this CPU has no bf16 brgemm (AMX)")
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_lora_apply_long_equals_float32_math_over_bf16_h(ops, dora):
     """Each output is base + (bf16(x @ A^T) @ B) in float32, times its DoRA
@@ -220,7 +220,7 @@ def test_lora_apply_long_equals_float32_math_over_bf16_h(ops, dora):
     assert torch.equal(got[70:73], base[70:73])
 
 
-@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root())), reason="this CPU has no bf16 brgemm (AMX)")
+@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root()), torch.bfloat16), reason="this CPU has no bf16 brgemm (AMX)")
 def test_long_bf16_segments_take_lora_apply_long_and_agree_with_the_torch_path(ops):
     x, base, work, offs = bf16_long_case(seed=7)
     calls = []
@@ -231,12 +231,12 @@ def test_long_bf16_segments_take_lora_apply_long_and_agree_with_the_torch_path(o
             return getattr(ops, name)
 
     got, want = base.clone(), base.clone()
-    cpu.apply_lora_compiled(Spy(), x, got, cpu.CompiledWork.of(work), None, 3, offs)
+    cpu.apply_lora_compiled(Spy(), x, got, cpu.CompiledWork.of(work, ops), None, 3, offs)
     assert "lora_apply_long" in calls and "lora_apply" not in calls
     # with DoRA rows too (the torch path takes long segments with DoRA whole where brgemm does not serve)
     table, rows = dora_rows(LONG_TOKENS, 0, len(LONG_TOKENS), base.shape[1], torch.Generator().manual_seed(3))
     calls.clear()
-    cpu.apply_lora_compiled(Spy(), x, base.clone(), cpu.CompiledWork.of(work), (0, len(LONG_TOKENS), table, rows), 3,
+    cpu.apply_lora_compiled(Spy(), x, base.clone(), cpu.CompiledWork.of(work, ops), (0, len(LONG_TOKENS), table, rows), 3,
                             offs)
     assert "lora_apply_long" in calls
     cpu.apply_lora(x, want, work)  # torch's bf16 GEMMs
@@ -245,7 +245,7 @@ def test_long_bf16_segments_take_lora_apply_long_and_agree_with_the_torch_path(o
 
 
 def test_lora_apply_long_rejects_bad_input(ops):
-    if not cpu.brgemm_serves(ops):
+    if not cpu.brgemm_serves(ops, torch.bfloat16):
         with pytest.raises(RuntimeError, match="no bf16 brgemm"):
             ops.lora_apply_long(torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.bfloat16),
                                 [], [], [], [], 1, [0, 4], None, None, 0)

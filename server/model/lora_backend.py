@@ -117,8 +117,7 @@ class CpuLoraBackend:
     def long_segments(self) -> str:
         """What multiplies long segments (prefill), for the startup log: brgemm
         for a bf16 pool on a CPU that runs it, else torch's GEMMs."""
-        bf16_pool = self.pool.a_pages[0]["qkv"].dtype == torch.bfloat16
-        return "brgemm" if bf16_pool and self.ops is not None and cpu.brgemm_serves(self.ops) else "torch GEMMs"
+        return "brgemm" if cpu.brgemm_serves(self.ops, self.pool.a_pages[0]["qkv"].dtype) else "torch GEMMs"
 
     def prepare(self, seg: Segments) -> CpuLoraBatch:
         pool = self.pool
@@ -142,10 +141,9 @@ class CpuLoraBackend:
         if hit is not None:
             self._compiled.move_to_end(key)
             return hit[1]
-        long_segment = cpu.long_segment(self.ops, self.pool.a_pages[0]["qkv"].dtype)
         per_layer = tuple(
             {group: cpu.CompiledWork.of([(start, end, *views[layer][group]) for start, end, views in work],
-                                        long_segment)
+                                        self.ops)
              for group in LORA_GROUPS}
             for layer in range(self.pool.cfg.num_layers))
         self._compiled[key] = (work, per_layer)
