@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -574,8 +575,10 @@ bool brgemm_bf16_available() { return at::native::cpublas::could_pack(at::kBFloa
 
 // Every segment's A^T [in, rn] packed whole, and each slice's nonzero block of B (its r rows, its
 // columns) packed per block of LONG_COLUMNS, so the expand skips the zero blocks of b_rows.
+// (new bf16[n]: uninitialized, as the packing writes every element; a zeroed vector cost a
+// pass over ~300 KB per segment, layer and group)
 struct PackedLora {
-  std::vector<bf16> a, b;
+  std::unique_ptr<bf16[]> a, b;
 };
 
 PackedLora pack_segment(const at::Tensor& a_rows, const at::Tensor& b_rows, int64_t num_slices,
@@ -584,13 +587,13 @@ PackedLora pack_segment(const at::Tensor& a_rows, const at::Tensor& b_rows, int6
   const int64_t r = rn / num_slices, r2 = (r + 1) / 2 * 2;
   const bf16* a = a_rows.data_ptr<bf16>();
   const bf16* bm = b_rows.data_ptr<bf16>();
-  PackedLora p{std::vector<bf16>(in * rn), std::vector<bf16>(r2 * out_total)};
-  pack_transposed_rows(a, rn, in, p.a.data());
+  PackedLora p{std::unique_ptr<bf16[]>(new bf16[in * rn]), std::unique_ptr<bf16[]>(new bf16[r2 * out_total])};
+  pack_transposed_rows(a, rn, in, p.a.get());
   for (int64_t sl = 0; sl < num_slices; ++sl)
     for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
       const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
       pack_row_pairs(r, nb, [&](int64_t k) { return bm + (k * num_slices + sl) * out_total + c0; },
-                     p.b.data() + r2 * c0);
+                     p.b.get() + r2 * c0);
     }
   return p;
 }
@@ -634,7 +637,7 @@ void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> 
       const int64_t s = items[it].first, t0 = items[it].second, nt = std::min(LONG_TOKENS, ends[s] - t0);
       const int64_t rn = a_rows[s].size(0), r = rn / num_slices, r2 = (r + 1) / 2 * 2;
       h.resize(LONG_TOKENS * rn);
-      cpublas::brgemm(nt, rn, in, in, rn, rn, false, xp + t0 * in, packed[s].a.data(), h.data());
+      cpublas::brgemm(nt, rn, in, in, rn, rn, false, xp + t0 * in, packed[s].a.get(), h.data());
       // bf16 h, as torch's bf16 shrink leaves it; the padding column of an odd rank stays zero
       hs.assign(num_slices * LONG_TOKENS * r2, bf16(0.f));
       for (int64_t j = 0; j < nt; ++j)
@@ -643,7 +646,7 @@ void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> 
         for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
           const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
           cpublas::brgemm(nt, nb, r2, r2, nb, nb, false, hs.data() + sl * LONG_TOKENS * r2,
-                          packed[s].b.data() + r2 * c0, sums.data());
+                          packed[s].b.get() + r2 * c0, sums.data());
           for (int64_t j = 0; j < nt; ++j) {  // out + delta (times a DoRA row's scales), rounded once
             const int64_t t = t0 + j;
             bf16* o = op + t * out_total + c0;
