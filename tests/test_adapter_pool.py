@@ -269,13 +269,18 @@ def test_same_weights_under_two_names_are_held_once_until_both_go():
     pool.check_consistent()
 
 
-def test_folder_source_reads_back_and_checks_identity(tmp_path):
+@pytest.mark.parametrize("owner", ["user", "store"])
+def test_folder_source_reads_back_and_checks_identity(tmp_path, owner):
+    """A user's folder is read, a store's mapped: the same weights either way,
+    and a file replaced since registration is refused either way."""
     a = synth(CFG, "f", 8, 3, modules=("q_proj", "v_proj", "down_proj"))
     save_peft_adapter(a, tmp_path / "f")
     from loramux.adapters_store.peft_format import load_peft_adapter
 
     parsed = load_peft_adapter(tmp_path / "f", CFG, 64, "f")
-    source = AdapterSource.from_folder(tmp_path / "f", parsed, CFG, 64)
+    make = AdapterSource.from_folder if owner == "user" else AdapterSource.from_store
+    source = make(tmp_path / "f", parsed, CFG, 64)
+    assert source.load.mapped == (owner == "store")
     back = source.load()
     assert back.digest == parsed.digest and back.modules.keys() == parsed.modules.keys()
     for k, w in parsed.modules.items():

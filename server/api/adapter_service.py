@@ -49,7 +49,7 @@ def restore_stored(registry: AdapterRegistry, store: AdapterStore, cfg: ModelCon
     for adapter, meta in store.iter_all(cfg, max_rank):
         info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
         try:
-            source = AdapterSource.from_folder(store.path(adapter.name), adapter, cfg, max_rank)
+            source = AdapterSource.from_store(store.path(adapter.name), adapter, cfg, max_rank)
             registry.register(RegisteredAdapter(adapter.name, source, info))
         except (LoramuxError, OSError) as exc:
             log.error("skipping stored adapter %r: %s", adapter.name, exc)
@@ -109,8 +109,8 @@ class AdapterService:
         meta = await asyncio.to_thread(store.save, adapter.name, config_bytes, weights_bytes)
         info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
         try:
-            await self.register(AdapterSource.from_folder(store.path(adapter.name), adapter, self.model_cfg,
-                                                          self.max_rank), info)
+            await self.register(AdapterSource.from_store(store.path(adapter.name), adapter, self.model_cfg,
+                                                         self.max_rank), info)
         except BaseException:
             await asyncio.to_thread(store.delete, adapter.name)
             raise

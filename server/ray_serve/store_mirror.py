@@ -54,7 +54,7 @@ class StoreMirror:
         config, weights, meta = self.store.read(name)
         adapter = parse_peft_adapter(config, weights, self.model_cfg, self.max_rank, name)
         info = adapter_info(adapter, meta.sha256, meta.size, meta.created, "upload")
-        source = AdapterSource.from_folder(self.store.path(name), adapter, self.model_cfg, self.max_rank)
+        source = AdapterSource.from_store(self.store.path(name), adapter, self.model_cfg, self.max_rank)
         self.registry.register(RegisteredAdapter(name, source, info))
 
     def _sync(self, name: str) -> bool:
