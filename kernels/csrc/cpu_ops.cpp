@@ -37,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -808,13 +809,21 @@ void pool_write_impl(at::Tensor& a_pages, at::Tensor& b_block, const std::vector
   const int64_t r = static_cast<int64_t>(pages.size());
   W* ap = a_pages.data_ptr<W>();
   W* bp = b_block.data_ptr<W>();
+  // float32 sources, converted before the parallel loops (a conversion allocates)
+  std::vector<at::Tensor> as(n), bs(n);
   for (int64_t s = 0; s < n; ++s) {
-    const int64_t k = a[s].size(0), lo = slice_offsets[s], width = slice_offsets[s + 1] - lo;
-    const float scale = static_cast<float>(scales[s]);
-    const at::Tensor as = a[s].to(at::kFloat).contiguous(), bs = b[s].to(at::kFloat).contiguous();
-    const float* asrc = as.data_ptr<float>();
-    const float* bsrc = bs.data_ptr<float>();  // [width, k]
-    for (int64_t j = 0; j < r; ++j) {
+    as[s] = a[s].to(at::kFloat).contiguous();
+    bs[s] = b[s].to(at::kFloat).contiguous();  // [width, k]
+  }
+  // Rows of A (and, past the module's rank, zeros in A and B), one task a slice and row; then
+  // B transposed, one task a slice and block of columns. Split over the calling thread's team:
+  // a step's loads run on the engine thread, which has the whole machine then; the prefetch
+  // worker's team is one thread, and the loops run inline there.
+  at::parallel_for(0, n * r, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / r, j = t % r;
+      const int64_t k = as[s].size(0), lo = slice_offsets[s], width = slice_offsets[s + 1] - lo;
+      const float* asrc = as[s].data_ptr<float>();
       W* arow = ap + (pages[j] * n + s) * in;
       if (j < k) {
         int64_t i = 0;
@@ -826,13 +835,22 @@ void pool_write_impl(at::Tensor& a_pages, at::Tensor& b_block, const std::vector
         std::fill(brow, brow + width, static_cast<W>(0.f));
       }
     }
-    // B_s transposed into rows 0 .. k-1, a block of BLOCK columns at a time: the block's rows of
-    // B_s (BLOCK x k floats, a few KB) stay in L1 while every row j gathers its column j from
-    // them, 16 at a time. Gathering whole columns instead read all of B_s (up to hundreds of KB,
-    // from L2) once per row.
-    constexpr int64_t BLOCK = 4 * LANES;
-    for (int64_t c0 = 0; c0 < width; c0 += BLOCK) {
+  });
+  // B_s transposed into rows 0 .. k-1, a block of BLOCK columns at a time: the block's rows of
+  // B_s (BLOCK x k floats, a few KB) stay in L1 while every row j gathers its column j from
+  // them, 16 at a time. Gathering whole columns instead read all of B_s (up to hundreds of KB,
+  // from L2) once per row.
+  constexpr int64_t BLOCK = 4 * LANES;
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (slice, first column)
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t c0 = 0; c0 < slice_offsets[s + 1] - slice_offsets[s]; c0 += BLOCK) blocks.emplace_back(s, c0);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [s, c0] = blocks[t];
+      const int64_t k = bs[s].size(1), lo = slice_offsets[s], width = slice_offsets[s + 1] - lo;
       const int64_t c1 = std::min(width, c0 + BLOCK);
+      const float scale = static_cast<float>(scales[s]);
+      const float* bsrc = bs[s].data_ptr<float>();
       for (int64_t j = 0; j < k; ++j) {
         W* brow = bp + (pages[j] * n + s) * out_total + lo;
         int64_t c = c0;
@@ -844,7 +862,7 @@ void pool_write_impl(at::Tensor& a_pages, at::Tensor& b_block, const std::vector
         for (; c < c1; ++c) brow[c] = static_cast<W>(scale * bsrc[c * k + j]);
       }
     }
-  }
+  });
 }
 
 void pool_write_group(at::Tensor& a_pages, at::Tensor& b_block, std::vector<int64_t> pages, std::vector<at::Tensor> a,
