@@ -33,6 +33,7 @@ from loramux.adapters_store.pool import AdapterPool
 from loramux.adapters_store.sources import AdapterSource
 from loramux.server.config import EngineConfig
 from loramux.server.engine.engine import Engine
+from loramux.server.heap import freeze_startup_objects
 from loramux.server.llm import load_base
 from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora, save_peft_adapter
 from loramux.server.engine.sampling import SamplingParams
@@ -61,7 +62,7 @@ def write_adapters(cfg, root: Path, n: int) -> list[AdapterSource]:
     for i in range(n):
         a = variant(bases[(8, 16, 32)[i % 3]], f"ad{i}", i)
         save_peft_adapter(a, root / a.name)
-        sources.append(AdapterSource.from_folder(root / a.name, a, cfg, MAX_RANK))
+        sources.append(AdapterSource.from_store(root / a.name, a, cfg, MAX_RANK))
     return sources
 
 
@@ -87,6 +88,7 @@ def main(argv=None):
     num_requests = args.requests or (96 if args.quick else 256)
 
     model, _, _ = load_base("default", args.dtype, "cpu")
+    freeze_startup_objects()  # as a server does once started
     cfg = model.cfg
     page = DeviceLoraPool(cfg, 2**30, 1, MAX_RANK, lora_pool_dtype(model)).page_bytes
     device_bytes = 32 * 16 * page  # 32 adapters of rank 16

@@ -47,10 +47,15 @@ def assemble_state(args: argparse.Namespace, fine_tuning: bool = True):
 
     Built in a thread that ends before serving starts: loading runs torch's
     parallel ops, and a thread that did keeps an OpenMP team beside the
-    engine thread's (server/compute_threads.py says what that costs)."""
+    engine thread's (server/compute_threads.py says what that costs).
+    Everything start-up made is frozen out of the garbage collector's walks then
+    (server/heap.py)."""
     from loramux.server.compute_threads import run_in_passing_thread
+    from loramux.server.heap import freeze_startup_objects
 
-    return run_in_passing_thread(lambda: _assemble_state(args, fine_tuning), "loramux-assemble")
+    state = run_in_passing_thread(lambda: _assemble_state(args, fine_tuning), "loramux-assemble")
+    freeze_startup_objects()
+    return state
 
 
 def _assemble_state(args: argparse.Namespace, fine_tuning: bool):
