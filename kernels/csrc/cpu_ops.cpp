@@ -539,13 +539,17 @@ using bf16 = c10::BFloat16;
 // [(k / 2) * N + n] * 2 + k % 2, K padded to even with zeros (pairs of rows interleaved).
 
 // A^T [in, rn] from A's rows [rn, in], in even: elements (2kk, n) and (2kk + 1, n) of A^T are
-// one 32-bit word of row n, so packing is a transpose of words
-void pack_transposed_rows(const bf16* rows, int64_t rn, int64_t in, bf16* packed) {
-  const int64_t pairs = in / 2;
+// one 32-bit word of row n, so packing is a transpose of words. Row n (of slice n % num_slices)
+// becomes column (n % num_slices) * r + n / num_slices: slice-major, so that the shrink leaves
+// each slice's h in one run of r columns
+void pack_transposed_rows(const bf16* rows, int64_t rn, int64_t in, int64_t num_slices, bf16* packed) {
+  const int64_t pairs = in / 2, r = rn / num_slices;
   const char* src = reinterpret_cast<const char*>(rows);
   char* dst = reinterpret_cast<char*>(packed);
-  for (int64_t n = 0; n < rn; ++n)
-    for (int64_t kk = 0; kk < pairs; ++kk) std::memcpy(dst + (kk * rn + n) * 4, src + (n * pairs + kk) * 4, 4);
+  for (int64_t n = 0; n < rn; ++n) {
+    const int64_t col = (n % num_slices) * r + n / num_slices;
+    for (int64_t kk = 0; kk < pairs; ++kk) std::memcpy(dst + (kk * rn + col) * 4, src + (n * pairs + kk) * 4, 4);
+  }
 }
 
 // a [K, N] matrix whose row k is row(k) (N contiguous elements)
@@ -571,6 +575,7 @@ void pack_row_pairs(int64_t K, int64_t N, Row row, bf16* packed) {
 
 constexpr int64_t LONG_TOKENS = 32;   // tokens of one brgemm call (a work item)
 constexpr int64_t LONG_COLUMNS = 64;  // output columns of one expand call: its float32 sums stay in L1
+constexpr int64_t PREFETCH_ROWS = 4;  // how far ahead the expand's epilogue prefetches out's rows (8: the same)
 
 bool brgemm_bf16_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
@@ -589,7 +594,7 @@ PackedLora pack_segment(const at::Tensor& a_rows, const at::Tensor& b_rows, int6
   const bf16* a = a_rows.data_ptr<bf16>();
   const bf16* bm = b_rows.data_ptr<bf16>();
   PackedLora p{std::unique_ptr<bf16[]>(new bf16[in * rn]), std::unique_ptr<bf16[]>(new bf16[r2 * out_total])};
-  pack_transposed_rows(a, rn, in, p.a.get());
+  pack_transposed_rows(a, rn, in, num_slices, p.a.get());
   for (int64_t sl = 0; sl < num_slices; ++sl)
     for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
       const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
@@ -639,10 +644,20 @@ void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> 
       const int64_t rn = a_rows[s].size(0), r = rn / num_slices, r2 = (r + 1) / 2 * 2;
       h.resize(LONG_TOKENS * rn);
       cpublas::brgemm(nt, rn, in, in, rn, rn, false, xp + t0 * in, packed[s].a.get(), h.data());
-      // bf16 h, as torch's bf16 shrink leaves it; the padding column of an odd rank stays zero
-      hs.assign(num_slices * LONG_TOKENS * r2, bf16(0.f));
-      for (int64_t j = 0; j < nt; ++j)
-        for (int64_t k = 0; k < rn; ++k) hs[((k % num_slices) * LONG_TOKENS + j) * r2 + k / num_slices] = bf16(h[j * rn + k]);
+      // bf16 h, as torch's bf16 shrink leaves it, each slice's run of r columns (slice-major, see
+      // pack_transposed_rows) to its own rows; an odd rank's padding column zero. (Scattering
+      // h's columns by k % num_slices, k / num_slices instead cost two divisions an element:
+      // a quarter of the op's time.) The expand reads the first nt rows only.
+      hs.resize(num_slices * LONG_TOKENS * r2);
+      for (int64_t sl = 0; sl < num_slices; ++sl)
+        for (int64_t j = 0; j < nt; ++j) {
+          const float* src = h.data() + j * rn + sl * r;
+          bf16* dst = hs.data() + (sl * LONG_TOKENS + j) * r2;
+          int64_t kk = 0;
+          for (; kk + LANES <= r; kk += LANES) store_lanes(dst + kk, load_lanes(src + kk));
+          for (; kk < r; ++kk) dst[kk] = bf16(src[kk]);
+          if (r2 > r) dst[r] = bf16(0.f);
+        }
       for (int64_t sl = 0; sl < num_slices; ++sl)
         for (int64_t c0 = slice_offsets[sl]; c0 < slice_offsets[sl + 1]; c0 += LONG_COLUMNS) {
           const int64_t nb = std::min(LONG_COLUMNS, slice_offsets[sl + 1] - c0);
@@ -652,6 +667,10 @@ void lora_apply_long(const at::Tensor& x, at::Tensor& out, std::vector<int64_t> 
             const int64_t t = t0 + j;
             bf16* o = op + t * out_total + c0;
             const float* d = sums.data() + j * nb;
+            // rows of out lie out_total apart, a stride the hardware does not follow; the base
+            // GEMM wrote them a while ago (out of L1 and L2 for a long batch)
+            __builtin_prefetch(o + PREFETCH_ROWS * out_total);
+            __builtin_prefetch(o + PREFETCH_ROWS * out_total + 64 / sizeof(bf16));
             int64_t q = 0;
             if (scale.table != nullptr && t >= scale.lo && t < scale.hi) {
               const float* sc = scale.table + scale.rows[t - scale.lo] * out_total + c0;
