@@ -538,18 +538,56 @@ using bf16 = c10::BFloat16;
 // The brgemm micro-kernel's B operand in VNNI-2 order: element (k, n) of a [K, N] matrix at
 // [(k / 2) * N + n] * 2 + k % 2, K padded to even with zeros (pairs of rows interleaved).
 
+// 16 rows of 16 32-bit words transposed in place: four rounds of swapping the off-diagonal
+// blocks (8 x 8, 4 x 4, 2 x 2, 1 x 1), each row pair one two-input shuffle per row (a permute of
+// two registers on AVX-512); word (i, j) ends at (j, i) as each round swaps one bit of i and j
+inline void transpose_words_16(vuint* v) {
+#define LORAMUX_SWAP(S, LO, HI)                                            \
+  for (int i = 0; i < 16; ++i)                                             \
+    if (!(i & S)) {                                                        \
+      const vuint a = v[i], b = v[i + S];                                  \
+      v[i] = __builtin_shufflevector(a, b, LO);                            \
+      v[i + S] = __builtin_shufflevector(a, b, HI);                        \
+    }
+#define LORAMUX_L(...) __VA_ARGS__
+  LORAMUX_SWAP(8, LORAMUX_L(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+               LORAMUX_L(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  LORAMUX_SWAP(4, LORAMUX_L(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+               LORAMUX_L(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  LORAMUX_SWAP(2, LORAMUX_L(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+               LORAMUX_L(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  LORAMUX_SWAP(1, LORAMUX_L(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+               LORAMUX_L(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+#undef LORAMUX_L
+#undef LORAMUX_SWAP
+}
+
 // A^T [in, rn] from A's rows [rn, in], in even: elements (2kk, n) and (2kk + 1, n) of A^T are
-// one 32-bit word of row n, so packing is a transpose of words. Row n (of slice n % num_slices)
-// becomes column (n % num_slices) * r + n / num_slices: slice-major, so that the shrink leaves
-// each slice's h in one run of r columns
+// one 32-bit word of row n, so packing is a transpose of words, 16 x 16 at a time (a word at a
+// time: 8 x 128 tokens over 30 layers 41-42 ms, against 39.5-40). Row n (of slice
+// n % num_slices) becomes column (n % num_slices) * r + n / num_slices: slice-major, so that
+// the shrink leaves each slice's h in one run of r columns
 void pack_transposed_rows(const bf16* rows, int64_t rn, int64_t in, int64_t num_slices, bf16* packed) {
   const int64_t pairs = in / 2, r = rn / num_slices;
   const char* src = reinterpret_cast<const char*>(rows);
   char* dst = reinterpret_cast<char*>(packed);
-  for (int64_t n = 0; n < rn; ++n) {
-    const int64_t col = (n % num_slices) * r + n / num_slices;
-    for (int64_t kk = 0; kk < pairs; ++kk) std::memcpy(dst + (kk * rn + col) * 4, src + (n * pairs + kk) * 4, 4);
+  std::vector<int64_t> row_of(rn);  // the row of A that column c of A^T is
+  for (int64_t n = 0; n < rn; ++n) row_of[(n % num_slices) * r + n / num_slices] = n;
+  auto word = [&](int64_t kk, int64_t c) { std::memcpy(dst + (kk * rn + c) * 4, src + (row_of[c] * pairs + kk) * 4, 4); };
+  int64_t c0 = 0;
+  for (; c0 + LANES <= rn; c0 += LANES) {
+    int64_t kk0 = 0;
+    for (; kk0 + LANES <= pairs; kk0 += LANES) {
+      vuint v[LANES];
+      for (int64_t i = 0; i < LANES; ++i) std::memcpy(&v[i], src + (row_of[c0 + i] * pairs + kk0) * 4, sizeof(vuint));
+      transpose_words_16(v);
+      for (int64_t w = 0; w < LANES; ++w) std::memcpy(dst + ((kk0 + w) * rn + c0) * 4, &v[w], sizeof(vuint));
+    }
+    for (; kk0 < pairs; ++kk0)
+      for (int64_t c = c0; c < c0 + LANES; ++c) word(kk0, c);
   }
+  for (; c0 < rn; ++c0)
+    for (int64_t kk = 0; kk < pairs; ++kk) word(kk, c0);
 }
 
 // a [K, N] matrix whose row k is row(k) (N contiguous elements)
