@@ -50,6 +50,18 @@ class PageAllocator:
         self.num_free -= n
         return pages
 
+    def has_run(self, n: int, also_free: frozenset[int] = frozenset()) -> bool:
+        """Whether n free pages lie in one run, counting `also_free` as free."""
+        run = 0
+        for i, free in enumerate(self._free):
+            run = run + 1 if free or i in also_free else 0
+            if run == n:
+                return True
+        return False
+
+    def is_free(self, page: int) -> bool:
+        return self._free[page]
+
     def free(self, pages: list[int]) -> None:
         for p in pages:
             if self._free[p]:

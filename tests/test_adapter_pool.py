@@ -123,6 +123,31 @@ def test_pages_reused_across_ranks_4_to_64_without_fragmentation():
         assert_holds(pool, pool.make_resident([d])[d], by_digest[d])
 
 
+def test_an_eviction_frees_a_run_of_pages_where_lru_would_scatter():
+    """Pages 0-7 held by four rank-2 adapters, a1 and a3 used last: LRU alone would evict a0 and
+    a2 and put a rank-4 adapter on pages 0, 1, 4, 5. The pool evicts the adapters of one window
+    instead (a0 and a1, the least recently used of the equal windows), so the new adapter's
+    pages run contiguously; a pinned adapter's pages are never part of the window."""
+    pool = AdapterPool(device(8, slots=8), prefetch=False)
+    small = [synth(CFG, f"a{i}", 2, i) for i in range(4)]
+    big, other = synth(CFG, "b", 4, 10), synth(CFG, "c", 4, 11)
+    for a in small + [big, other]:
+        pool.add(disk_source(a))
+    d = [a.digest for a in small]
+    assert [pool.device.pages_of(pool.make_resident([x])[x]) for x in d] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    for digest in [d[1], d[3]]:
+        pool.make_resident([digest])
+    slot = pool.make_resident([big.digest])[big.digest]
+    assert pool.device.pages_of(slot) == [0, 1, 2, 3]
+    assert set(pool.resident()) == {d[2], d[3], big.digest}
+    assert_holds(pool, slot, big)
+    # with b pinned and a2, a3 evictable, the window is pages 4-7
+    slot = pool.make_resident([other.digest], frozenset({big.digest}))[other.digest]
+    assert pool.device.pages_of(slot) == [4, 5, 6, 7] and big.digest in pool.resident()
+    assert_holds(pool, slot, other)
+    pool.check_consistent()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_compiled_write_equals_the_torch_write(dtype):
     """A CPU pool given the compiled ops writes adapters with one op per layer and group: what lands in
