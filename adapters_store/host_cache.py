@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable
 
+import torch
+
 from loramux.adapters_store.peft_format import LoraAdapter, ModuleLora
 
 # ---------------------------------------------------------------------------
@@ -60,11 +62,16 @@ class HostCache:
         return list(self._entries.items())
 
 
-def pinned_copy(adapter: LoraAdapter) -> LoraAdapter:
-    """The adapter with its tensors in page-locked memory (fast, async H2D copies)."""
+def host_copy(adapter: LoraAdapter, pinned: bool) -> LoraAdapter:
+    """The adapter with tensors of its own, for the host tier to keep: in
+    page-locked memory when `pinned` (fast, async H2D copies), else plain
+    copies. A store folder's weights are mapped (adapters_store/sources.py),
+    and a cached adapter would keep its file mapped and a descriptor open."""
     import dataclasses
 
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if pinned else t.clone()
+
     return dataclasses.replace(adapter, modules={
-        k: ModuleLora(m.a.pin_memory(), m.b.pin_memory(), m.scale,
-                      None if m.magnitude is None else m.magnitude.pin_memory())
+        k: ModuleLora(own(m.a), own(m.b), m.scale, None if m.magnitude is None else own(m.magnitude))
         for k, m in adapter.modules.items()})

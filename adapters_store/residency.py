@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from loramux.adapters_store.device_pool import DeviceLoraPool
-from loramux.adapters_store.host_cache import HostCache, pinned_copy
+from loramux.adapters_store.host_cache import HostCache, host_copy
 from loramux.adapters_store.peft_format import LoraAdapter
 from loramux.adapters_store.sources import AdapterSource, AdapterUnavailable
 from loramux.kernels.cpu_ext import one_torch_thread
@@ -361,8 +361,8 @@ class Residency:
         if adapter.digest != source.digest:
             raise AdapterUnavailable(f"adapter {source.name!r}: the loader returned other weights")
         seconds = time.perf_counter() - t0
-        if self.host.budget and adapter.nbytes <= self.host.budget and self._cuda:
-            adapter = pinned_copy(adapter)
+        if self.host.budget and adapter.nbytes <= self.host.budget:
+            adapter = host_copy(adapter, pinned=self._cuda)
         with self._lock:
             self._counters["disk"].loads += 1
             self._latency["disk"].append(seconds)

@@ -231,6 +231,32 @@ def test_host_tier_budget_lru_and_disk_reads():
     pool.check_consistent()
 
 
+def test_the_host_tier_keeps_copies_not_mapped_store_files(tmp_path):
+    """A store folder's weights are mapped when read; a CPU pool's host tier keeps the adapter
+    in memory of its own, so a cached adapter holds no file (a mapping keeps a descriptor open:
+    a large host tier of mapped adapters would run the process out of them)."""
+    import os
+
+    from loramux.adapters_store.peft_format import load_peft_adapter
+
+    ads = [synth(CFG, f"m{i}", 4, i) for i in range(6)]
+    sources = []
+    for a in ads:
+        save_peft_adapter(a, tmp_path / a.name)
+        sources.append(AdapterSource.from_store(tmp_path / a.name, load_peft_adapter(tmp_path / a.name, CFG, 64, a.name),
+                                                CFG, 64))
+    pool = AdapterPool(device(8, slots=1), host_bytes=10 * ads[0].nbytes, prefetch=False)
+    digests = [pool.add(source) for source in sources]
+    fds = len(os.listdir("/proc/self/fd"))
+    for d in digests:
+        pool.make_resident([d])
+    assert len(pool.tier_usage()["host"].adapters) == len(ads)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    slot = pool.make_resident([digests[0]])[digests[0]]  # from the host tier
+    assert [s.load.mapped for s in sources] == [True] * len(ads) and pool.tier_usage()["host"].prefetch_hits == 1
+    assert_holds(pool, slot, ads[0])
+
+
 def test_host_cache_keeps_protected_entries():
     ads = [synth(CFG, f"c{i}", 4, i) for i in range(3)]
     cache = HostCache(2 * ads[0].nbytes)
