@@ -403,8 +403,10 @@ class Residency:
 
     def _window_victims(self, digest: str, rank: int, evictable: Callable[[str], bool]) -> list[str] | None:
         """The evictable adapters whose eviction frees the window of `rank`
-        pages that costs the fewest pages of resident adapters (the least
-        recently used of equal windows); None if no window can be freed."""
+        pages that costs the fewest pages of resident adapters (of equal
+        costs, the one whose most recently used victim is the oldest, then the
+        lowest); None if no window can be freed. A pure scan under the lock,
+        O(pages x rank) at worst: about 16k steps for a 512-page pool at rank 32."""
         allocator = self.device.pages
         age = {d: i for i, d in enumerate(self._resident)}  # 0: least recently used
         owner = {p: d for d in self._resident if d != digest and evictable(d)

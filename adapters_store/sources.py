@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -54,13 +55,47 @@ class AdapterSource:
     def from_store(cls, folder: str | os.PathLike, adapter: LoraAdapter, model: ModelConfig,
                    max_rank: int) -> "AdapterSource":
         """As from_folder, for a folder of the adapter store (or another that
-        no one rewrites in place): its weights file is mapped, not read."""
+        no one rewrites in place): its weights file is mapped, not read,
+        where the folder is on a local filesystem (maps_safely)."""
         return cls(adapter.name, adapter.digest, adapter.rank, adapter.nbytes,
-                   FolderLoader(folder, adapter, model, max_rank, mapped=True))
+                   FolderLoader(folder, adapter, model, max_rank, mapped=maps_safely(folder)))
 
     @property
     def held(self) -> bool:
         return isinstance(self.load, _Held)
+
+
+# filesystems whose mapped pages stay readable while a file is renamed or unlinked
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "ramfs", "overlay"})
+
+
+def filesystem_type(path: str | os.PathLike, mountinfo: str) -> str | None:
+    """The type of the filesystem `path` is on, from /proc/self/mountinfo's text
+    (the mount point that is the longest prefix of its real path); None if no
+    line names it."""
+    real = os.path.realpath(path)
+    best, fs_type = -1, None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # mountinfo writes a space as \040
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, fs_type = len(point), line.split(" - ", 1)[1].split()[0]
+    return fs_type
+
+
+def maps_safely(folder: str | os.PathLike) -> bool:
+    """Whether the store folder's files may be mapped: on a local filesystem
+    only. On a network one (the shared volume of a cluster of replicas: NFS,
+    CIFS, a FUSE mount) another node deleting the file can leave a mapped page
+    unreadable (ESTALE), and touching it ends the process (SIGBUS)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return filesystem_type(folder, f.read()) in LOCAL_FILESYSTEMS
+    except OSError:
+        return False
 
 
 class _Held:
@@ -83,7 +118,7 @@ class FolderLoader:
 
     `mapped`: the weights file is mapped instead of read, where nothing
     rewrites it in place (the adapter store's folders: its writes and
-    deletes are renames, which leave a mapping valid). Reading it copies
+    deletes are renames, which leave a mapping valid on a local filesystem). Reading it copies
     every byte into freshly faulted memory first, which costs more than
     the copy into the pool that follows (a rank-16 adapter: about 8 ms of
     a 15 ms load, against about 1 ms mapped). A user's folder is read: a

@@ -126,26 +126,27 @@ def test_pages_reused_across_ranks_4_to_64_without_fragmentation():
 def test_an_eviction_frees_a_run_of_pages_where_lru_would_scatter():
     """Pages 0-7 held by four rank-2 adapters, a1 and a3 used last: LRU alone would evict a0 and
     a2 and put a rank-4 adapter on pages 0, 1, 4, 5. The pool evicts the adapters of one window
-    instead (a0 and a1, the least recently used of the equal windows), so the new adapter's
-    pages run contiguously; a pinned adapter's pages are never part of the window."""
-    pool = AdapterPool(device(8, slots=8), prefetch=False)
+    instead (a0 and a1: the first of the windows of equal cost), so the new adapter's pages run
+    contiguously. With a1 pinned, no window may go through its pages: a2 and a3 go."""
     small = [synth(CFG, f"a{i}", 2, i) for i in range(4)]
-    big, other = synth(CFG, "b", 4, 10), synth(CFG, "c", 4, 11)
-    for a in small + [big, other]:
-        pool.add(disk_source(a))
-    d = [a.digest for a in small]
-    assert [pool.device.pages_of(pool.make_resident([x])[x]) for x in d] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    for digest in [d[1], d[3]]:
-        pool.make_resident([digest])
-    slot = pool.make_resident([big.digest])[big.digest]
-    assert pool.device.pages_of(slot) == [0, 1, 2, 3]
-    assert set(pool.resident()) == {d[2], d[3], big.digest}
-    assert_holds(pool, slot, big)
-    # with b pinned and a2, a3 evictable, the window is pages 4-7
-    slot = pool.make_resident([other.digest], frozenset({big.digest}))[other.digest]
-    assert pool.device.pages_of(slot) == [4, 5, 6, 7] and big.digest in pool.resident()
-    assert_holds(pool, slot, other)
-    pool.check_consistent()
+    big = synth(CFG, "b", 4, 10)
+    for pinned in (frozenset(), frozenset({small[1].digest})):
+        pool = AdapterPool(device(8, slots=8), prefetch=False)
+        for a in small + [big]:
+            pool.add(disk_source(a))
+        d = [a.digest for a in small]
+        assert [pool.device.pages_of(pool.make_resident([x])[x]) for x in d] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        for digest in [d[1], d[3]]:
+            pool.make_resident([digest])
+        slot = pool.make_resident([big.digest], pinned)[big.digest]
+        if not pinned:
+            assert pool.device.pages_of(slot) == [0, 1, 2, 3]
+            assert set(pool.resident()) == {d[2], d[3], big.digest}
+        else:  # the cheapest windows through a1's pages are out
+            assert pool.device.pages_of(slot) == [4, 5, 6, 7]
+            assert set(pool.resident()) == {d[0], d[1], big.digest}
+        assert_holds(pool, slot, big)
+        pool.check_consistent()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -229,6 +230,25 @@ def test_host_tier_budget_lru_and_disk_reads():
     pool.make_resident([ads[0].digest])  # from disk again
     assert sources[0].load.reads == 2
     pool.check_consistent()
+
+
+def test_store_files_are_mapped_on_local_filesystems_only():
+    """A network filesystem can fail a mapped page once another node deletes the file."""
+    from loramux.adapters_store.sources import LOCAL_FILESYSTEMS, filesystem_type
+
+    mountinfo = "\n".join([
+        "27 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw",
+        "40 27 0:50 / /mnt/shared rw,relatime shared:20 - nfs4 server:/export rw,vers=4.2",
+        "41 27 0:51 / /mnt/my\\040store rw - xfs /dev/vdb rw",
+        "42 40 0:52 / /mnt/shared/local rw - tmpfs tmpfs rw",
+    ])
+    assert filesystem_type("/srv/adapters/a", mountinfo) == "ext4"
+    assert filesystem_type("/mnt/shared/adapters/a", mountinfo) == "nfs4"
+    assert filesystem_type("/mnt/shared", mountinfo) == "nfs4"
+    assert filesystem_type("/mnt/sharedx/a", mountinfo) == "ext4"  # a prefix of the name is not the mount
+    assert filesystem_type("/mnt/my store/a", mountinfo) == "xfs"
+    assert filesystem_type("/mnt/shared/local/a", mountinfo) == "tmpfs"
+    assert "nfs4" not in LOCAL_FILESYSTEMS and "ext4" in LOCAL_FILESYSTEMS
 
 
 def test_the_host_tier_keeps_copies_not_mapped_store_files(tmp_path):
