@@ -183,17 +183,31 @@ LONG_PAGES = {0: [0, 1, 2], 1: [8, 9], 2: [12, 13, 14, 15, 16, 17, 18, 19], 3: [
 LONG_TOKENS = [0] * 70 + [-1] * 3 + [1] * 100 + [3] * 64 + [2] * 80
 
 
-def bf16_long_case(seed):
-    a_pages, b, b_block, page_table, ranks, scales, offs, _ = pool_and_views(LONG_PAGES, inn=40, widths=(200, 72, 24),
+# rank 16: h converted to bf16 16 lanes at a time, A^T transposed in whole 16 x 16 blocks of words
+RANK16_PAGES = {0: list(range(16)), 1: list(range(40, 56))}
+RANK16_TOKENS = [0] * 70 + [1] * 65  # long without ops too (LONG_SEGMENT)
+
+
+def bf16_long_case(seed, pages=LONG_PAGES, tokens=LONG_TOKENS):
+    a_pages, b, b_block, page_table, ranks, scales, offs, _ = pool_and_views(pages, inn=40, widths=(200, 72, 24),
                                                                              seed=seed)
     a16, b16 = a_pages.bfloat16(), b_block.bfloat16()
     views = {slot: (a16[pg].reshape(len(pg) * 3, 40).T, b16[pg].reshape(len(pg) * 3, -1))
-             for slot, pg in LONG_PAGES.items()}
+             for slot, pg in pages.items()}
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(LONG_TOKENS), 40, generator=gen).bfloat16()
-    base = torch.randn(len(LONG_TOKENS), b.shape[1], generator=gen).bfloat16()
-    work = [(s, s + n, *views[slot]) for s, n, slot in make_segments(LONG_TOKENS).with_adapter()]
+    x = torch.randn(len(tokens), 40, generator=gen).bfloat16()
+    base = torch.randn(len(tokens), b.shape[1], generator=gen).bfloat16()
+    work = [(s, s + n, *views[slot]) for s, n, slot in make_segments(tokens).with_adapter()]
     return x, base, work, offs
+
+
+def bf16_h_reference(x, base, work):
+    """base + (bf16(x @ A^T) @ B) in float32, per segment."""
+    want = base.float()
+    for start, end, a_t, b_block in work:
+        h = (x[start:end].float() @ a_t.float()).bfloat16().float()
+        want[start:end] += h @ b_block.float()
+    return want
 
 
 @pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root()), torch.bfloat16), reason="this CPU has no bf16 brgemm (AMX)")
@@ -210,14 +224,21 @@ def test_lora_apply_long_equals_float32_math_over_bf16_h(ops, dora):
         else (None, None)
     got = base.clone()
     ops.lora_apply_long(x, got, *cw.long_args, 3, offs, table, rows, lo)
-    want = base.float()
-    for start, end, a_t, b_block in work:
-        h = (x[start:end].float() @ a_t.float()).bfloat16().float()
-        want[start:end] += h @ b_block.float()
+    want = bf16_h_reference(x, base, work)
     if dora:
         want[lo:hi] *= table[rows]
     torch.testing.assert_close(got.float(), want.bfloat16().float(), atol=1e-3, rtol=2**-7)
     assert torch.equal(got[70:73], base[70:73])
+
+
+@pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root()), torch.bfloat16), reason="this CPU has no bf16 brgemm (AMX)")
+def test_lora_apply_long_at_rank_16_equals_float32_math_over_bf16_h(ops):
+    x, base, work, offs = bf16_long_case(seed=11, pages=RANK16_PAGES, tokens=RANK16_TOKENS)
+    cw = cpu.CompiledWork.of(work)
+    assert len(cw.long) == 2 and all(a_t.shape[1] == 48 for _, _, a_t, _ in work)
+    got = base.clone()
+    ops.lora_apply_long(x, got, *cw.long_args, 3, offs, None, None, 0)
+    torch.testing.assert_close(got.float(), bf16_h_reference(x, base, work).bfloat16().float(), atol=1e-3, rtol=2**-7)
 
 
 @pytest.mark.skipif(not cpu.brgemm_serves(cpu_ops(cache_root()), torch.bfloat16), reason="this CPU has no bf16 brgemm (AMX)")

@@ -24,7 +24,7 @@ def pool_and_views(pages: dict[int, list[int]], n=3, P=64, inn=8, widths=(8, 4, 
     for slot, pg in pages.items():
         for s in range(n):
             b_block[pg, s, offs[s]:offs[s + 1]] = b[pg, offs[s]:offs[s + 1]] * scales[s, slot]
-    page_table = torch.zeros(num_slots, 8, dtype=torch.int32)
+    page_table = torch.zeros(num_slots, max(8, *map(len, pages.values())), dtype=torch.int32)
     ranks = torch.zeros(n, num_slots, dtype=torch.int32)
     for slot, pg in pages.items():
         page_table[slot, : len(pg)] = torch.tensor(pg)
