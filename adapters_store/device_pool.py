@@ -37,12 +37,9 @@ class PageAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise MemoryError(f"{n} pages wanted, {self.num_free} free")
-        run = 0
-        for i, free in enumerate(self._free):
-            run = run + 1 if free else 0
-            if run == n:
-                pages = list(range(i - n + 1, i + 1))
-                break
+        start = self._first_run(n)
+        if start is not None:
+            pages = list(range(start, start + n))
         else:  # fragmented: take any free pages
             pages = [i for i, free in enumerate(self._free) if free][:n]
         for p in pages:
@@ -52,12 +49,16 @@ class PageAllocator:
 
     def has_run(self, n: int, also_free: frozenset[int] = frozenset()) -> bool:
         """Whether n free pages lie in one run, counting `also_free` as free."""
+        return self._first_run(n, also_free) is not None
+
+    def _first_run(self, n: int, also_free: frozenset[int] = frozenset()) -> int | None:
+        """The first page of the first run of n free pages (`also_free` counted free), or None."""
         run = 0
         for i, free in enumerate(self._free):
             run = run + 1 if free or i in also_free else 0
             if run == n:
-                return True
-        return False
+                return i - n + 1
+        return None
 
     def is_free(self, page: int) -> bool:
         return self._free[page]

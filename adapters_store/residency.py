@@ -390,8 +390,8 @@ class Residency:
                 pages, slots = pages + self._pages(d), slots + 1
         if pages < rank or slots < 1:
             return None
-        freed = frozenset(p for d in victims for p in self.device.pages_of(self._slots[d]))
-        if self.device.cpu_path and not self.device.pages.has_run(rank, freed):
+        if self.device.cpu_path and not self.device.pages.has_run(
+                rank, frozenset(p for d in victims for p in self.device.pages_of(self._slots[d]))):
             window = self._window_victims(digest, rank, evictable)
             if window:  # never empty: its pages would be a free run
                 victims = window
